@@ -1,0 +1,243 @@
+"""Step 4: the IterableDataset, exactly once across workers, ranks and resumes (token accounting).
+
+Most tests stream unique token ids (row r holds ids r*1000, r*1000+1, ...), so a token seen twice
+or never is caught by comparing sorted lists, not by eye.
+"""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import WIKI_ROWS, text_stream
+
+import lab2_helpers as L
+
+BLOCK = 16
+# 3 workers on a 2-core machine is on purpose here (more workers than cores or shards must stay exact)
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+
+
+def unique_token_stream(n_rows=60, num_shards=6, seed=0):
+    """A tokenized stream of `n_rows` rows of 0-40 unique ids each, in `num_shards` shards."""
+    lengths = np.random.default_rng(seed).integers(0, 41, size=n_rows)
+    rows = [list(range(r * 1000, r * 1000 + n)) for r, n in enumerate(lengths)]
+    return datasets.Dataset.from_dict({"input_ids": rows}).to_iterable_dataset(num_shards=num_shards), rows
+
+
+def real_tokens(batches):
+    """Sorted real tokens (attention_mask 1) of all batches."""
+    return sorted(t for b in batches for t in b["input_ids"][b["attention_mask"].bool()].tolist())
+
+
+def all_tokens(rows):
+    return sorted(t for row in rows for t in row)
+
+
+def batches_of(dataset, num_workers, batch_size=4):
+    return list(L.make_dataloader(dataset, batch_size=batch_size, num_workers=num_workers))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
+def test_workers_read_every_token_exactly_once(num_workers):
+    stream, rows = unique_token_stream()
+    batches = batches_of(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), num_workers)
+    assert real_tokens(batches) == all_tokens(rows)
+    assert all(b["input_ids"].shape[1] == BLOCK for b in batches)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 3])
+def test_without_padding_workers_lose_only_their_own_tail(num_workers):
+    stream, rows = unique_token_stream()
+    got = real_tokens(batches_of(L.StreamingLMIterableDataset(stream, BLOCK), num_workers))
+    assert len(got) == len(set(got))  # nothing twice
+    assert set(got) <= set(all_tokens(rows))
+    assert len(all_tokens(rows)) - len(got) < num_workers * BLOCK  # < one block per part
+
+
+class NaiveDataset(torch.utils.data.IterableDataset):
+    """The classic bug: every worker replays the whole stream."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return L.group_texts_streaming(self.rows, BLOCK, pad_last=True)
+
+
+def test_two_workers_do_not_duplicate_data_unlike_a_naive_wrapper():
+    stream, rows = unique_token_stream()
+    naive = real_tokens(batches_of(NaiveDataset(rows), num_workers=2))
+    assert len(naive) == 2 * len(all_tokens(rows))  # the accounting catches the duplicate-data bug
+    ours = real_tokens(batches_of(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), num_workers=2))
+    assert ours == all_tokens(rows)
+
+
+def test_workers_share_the_shards():
+    stream, rows = unique_token_stream()
+    loader = L.make_dataloader(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), batch_size=4, num_workers=2)
+    batches = list(loader)
+    parts = L.progress_by_part(loader.state_dict())
+    assert [p["worker"] for p in parts] == [0, 1]
+    assert all(p["tokens"] > 0 for p in parts)
+    assert sum(p["tokens"] for p in parts) == len(all_tokens(rows)) == len(real_tokens(batches))
+
+
+def test_more_workers_than_shards_stay_exactly_once():
+    stream, rows = unique_token_stream(num_shards=1)
+    batches = batches_of(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), num_workers=2)
+    assert real_tokens(batches) == all_tokens(rows)
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(2, 0), (3, 0), (2, 2), (3, 2), (4, 0)])
+def test_ranks_read_disjoint_parts_that_cover_the_stream(world_size, num_workers):
+    stream, rows = unique_token_stream()  # 6 shards: by shard for 2 and 3 ranks, by row for 4
+    per_rank = [
+        real_tokens(batches_of(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True, rank=r, world_size=world_size), num_workers))
+        for r in range(world_size)
+    ]
+    assert all(per_rank)  # no rank is empty
+    assert sorted(t for part in per_rank for t in part) == all_tokens(rows)
+
+
+def test_plain_iterables_are_split_by_row_over_ranks_and_workers():
+    _, rows = unique_token_stream()
+    per_rank = [
+        real_tokens(batches_of(L.StreamingLMIterableDataset(rows, BLOCK, pad_last=True, rank=r, world_size=2), 2))
+        for r in range(2)
+    ]
+    assert all(per_rank) and sorted(per_rank[0] + per_rank[1]) == all_tokens(rows)
+
+
+def test_ranks_of_the_bundled_sample_are_never_empty(tokenizer):
+    tokens = L.tokenize_stream(L.load_text_stream("local"), tokenizer)
+    total = sum(len(r["input_ids"]) for r in tokens)
+    for world_size in (2, 3):
+        counts = [
+            sum(len(r["input_ids"]) for r in L.StreamingLMIterableDataset(tokens, rank=r, world_size=world_size, pad_last=True).stream)
+            for r in range(world_size)
+        ]
+        assert min(counts) > 0 and sum(counts) == total
+
+
+def test_rank_and_world_size_are_checked():
+    stream, _ = unique_token_stream()
+    for rank, world_size in [(2, 2), (-1, 2), (0, 0), (1, None), (0.5, 2)]:
+        with pytest.raises(ValueError, match="rank|world_size"):
+            L.StreamingLMIterableDataset(stream, BLOCK, rank=rank, world_size=world_size)
+    with pytest.raises(ValueError, match="block_size"):
+        L.StreamingLMIterableDataset(stream, 0)
+
+
+def test_rank_and_world_size_come_from_torch_distributed(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        dataset = L.StreamingLMIterableDataset(unique_token_stream()[0], BLOCK)
+        assert (dataset.rank, dataset.world_size) == (0, 1)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- resume
+def text_dataset(tokenizer, **kwargs):
+    rows = WIKI_ROWS * 8 + [f"Document number {i} has some words." for i in range(40)]
+    return L.StreamingLMIterableDataset(L.tokenize_stream(text_stream(rows, num_shards=4), tokenizer), BLOCK, pad_last=True, **kwargs)
+
+
+def assert_same_batches(got, expected):
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_exactly_where_the_checkpoint_was(tokenizer, num_workers):
+    full = list(L.make_dataloader(text_dataset(tokenizer), batch_size=4, num_workers=num_workers))
+    assert len(full) > 6
+    for k in (1, len(full) // 2, len(full) - 1, len(full)):
+        loader = L.make_dataloader(text_dataset(tokenizer), batch_size=4, num_workers=num_workers)
+        it = iter(loader)
+        head = [next(it) for _ in range(k)]
+        state = loader.state_dict()
+        del it, loader  # the "crash"
+        fresh = L.make_dataloader(text_dataset(tokenizer), batch_size=4, num_workers=num_workers)
+        fresh.load_state_dict(state)
+        assert_same_batches(head + list(fresh), full)
+
+
+def test_resume_survives_a_save_restore_chain(tokenizer):
+    full = list(L.make_dataloader(text_dataset(tokenizer), batch_size=4, num_workers=2))
+    got, state = [], None
+    for stop in (2, 5, len(full)):
+        loader = L.make_dataloader(text_dataset(tokenizer), batch_size=4, num_workers=2)
+        if state is not None:
+            loader.load_state_dict(state)
+        it = iter(loader)
+        got += [next(it) for _ in range(stop - len(got))]
+        state = loader.state_dict()
+    assert_same_batches(got, full)
+
+
+def test_resume_of_a_plain_iterable_mid_row():
+    _, rows = unique_token_stream()
+    full = list(L.make_dataloader(L.StreamingLMIterableDataset(rows, BLOCK), batch_size=3))
+    loader = L.make_dataloader(L.StreamingLMIterableDataset(rows, BLOCK), batch_size=3)
+    it = iter(loader)
+    head = [next(it) for _ in range(4)]
+    fresh = L.make_dataloader(L.StreamingLMIterableDataset(rows, BLOCK), batch_size=3)
+    fresh.load_state_dict(loader.state_dict())
+    assert_same_batches(head + list(fresh), full)
+
+
+def test_dataset_state_holds_the_carried_tokens():
+    stream, rows = unique_token_stream()
+    dataset = L.StreamingLMIterableDataset(stream, BLOCK)
+    it = iter(dataset)
+    first = next(it)
+    state = dataset.state_dict()
+    assert state["blocks"] == 1 and state["tokens"] == BLOCK
+    tokens = all_tokens(rows)
+    assert first["input_ids"].tolist() == tokens[:BLOCK]
+    assert state["carry"].tolist() == tokens[BLOCK : BLOCK + len(state["carry"])]  # read, not yet emitted
+
+
+def test_a_second_pass_after_resume_starts_from_the_beginning():
+    stream, rows = unique_token_stream()
+    dataset = L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True)
+    it = iter(dataset)
+    next(it)
+    state = dataset.state_dict()
+    resumed = L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True)
+    resumed.load_state_dict(state)
+    assert len(list(resumed)) == len(list(dataset)) - 1
+    assert real_tokens(collate(list(resumed))) == all_tokens(rows)
+
+
+def collate(blocks):
+    return [L.collate_fn(blocks)]
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"block_size": 32}, "block_size=16"),
+        ({"rank": 1, "world_size": 2}, "world_size=1"),
+    ],
+)
+def test_state_from_another_configuration_is_refused(change, match):
+    stream, _ = unique_token_stream()
+    dataset = L.StreamingLMIterableDataset(stream, BLOCK)
+    next(iter(dataset))
+    state = dataset.state_dict()
+    other = L.StreamingLMIterableDataset(stream, **{"block_size": BLOCK, **change})
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(state)
+
+
+def test_state_from_another_source_is_refused(tokenizer):
+    stream, _ = unique_token_stream()
+    dataset = L.StreamingLMIterableDataset(stream, BLOCK)
+    other = L.StreamingLMIterableDataset(L.tokenize_stream(L.load_text_stream("local"), tokenizer), BLOCK)
+    with pytest.raises(ValueError, match="source"):
+        other.load_state_dict(dataset.state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict({"carry": []})

@@ -1,0 +1,143 @@
+"""Step 2: the GPT-2 tokenizers and the lazy tokenized stream."""
+
+import warnings
+
+import datasets
+import pytest
+from conftest import WIKI_ROWS, text_stream
+
+import lab2_helpers as L
+
+EOS = L.EOS_TOKEN_ID
+TRICKY = [
+    "Hello world",
+    "naïve café, Zürich — 東京 and Ελληνικά",
+    "emoji 🐳🚢 and 👩‍👩‍👧 family",
+    "runs   of    spaces\n\n\n and\ttabs \r\n",
+    "numbers 1234567 3.14159 1,000,000 2026-11-25",
+    "contractions: I'm, you're, it's, we'll, they'd, don't, O'Neil's",
+    "a literal <|endoftext|> inside text",
+    " leading and trailing spaces   ",
+    "",
+]
+
+
+def test_bundled_tokenizer_gives_the_hub_gpt2_ids(tokenizer):
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == EOS
+    assert len(tokenizer) == 50257
+
+
+def test_tiktoken_backend_matches_hf_ids_on_tricky_strings(tokenizer, fast_tokenizer):
+    hf = tokenizer(TRICKY, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert fast_tokenizer(TRICKY)["input_ids"] == hf
+    assert fast_tokenizer("Hello world")["input_ids"] == [15496, 995]
+    assert fast_tokenizer.eos_token_id == EOS
+    assert fast_tokenizer.decode(hf[2]) == TRICKY[2]
+
+
+def test_tiktoken_backend_matches_hf_ids_on_the_bundled_sample(tokenizer, fast_tokenizer, sample_rows):
+    texts = [r for r in sample_rows if r]
+    hf = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert fast_tokenizer(texts)["input_ids"] == hf
+    assert sum(map(len, hf)) > 250_000
+
+
+def test_tokenizer_backend_choices_are_checked():
+    with pytest.raises(ValueError, match="tiktoken"):
+        L.load_tokenizer(backend="sentencepiece")
+    with pytest.raises(ValueError, match="bundled"):
+        L.load_tokenizer("gpt2", backend="tiktoken")
+
+
+def test_wikitext_articles_get_one_eos_each_and_blank_rows_are_skipped(tokenizer):
+    rows = list(L.tokenize_stream(text_stream(WIKI_ROWS), tokenizer))
+    lines = [r for r in WIKI_ROWS if r]
+    assert len(rows) == len(lines)  # blank rows produce nothing
+    for text, row in zip(lines, rows):
+        plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+        is_title = text.startswith(" = ") and not text.startswith(" = = ")
+        assert row["input_ids"] == ([EOS] + plain if is_title else plain)
+    assert sum(row["input_ids"].count(EOS) for row in rows) == 2  # two articles; no EOS at the section
+
+
+def test_rows_without_trailing_newline_are_documents_of_their_own(tokenizer):
+    docs = ["First document.", "Second one, longer.", "Third."]
+    rows = list(L.tokenize_stream(text_stream(docs), tokenizer))
+    assert [r["input_ids"] for r in rows] == [[EOS] + tokenizer(d)["input_ids"] for d in docs]
+
+
+def test_layout_can_be_forced(tokenizer):
+    lines = [" one \n", " two \n"]
+    as_rows = list(L.tokenize_stream(text_stream(lines), tokenizer, layout="rows"))
+    assert [r["input_ids"][0] for r in as_rows] == [EOS, EOS]
+    as_wiki = list(L.tokenize_stream(text_stream(["Doc one.", "Doc two."]), tokenizer, layout="wikitext"))
+    assert all(EOS not in r["input_ids"] for r in as_wiki)
+    with pytest.raises(ValueError, match="wikitext"):
+        L.tokenize_stream(text_stream(lines), tokenizer, layout="paragraphs")
+
+
+def test_separate_documents_false_adds_no_eos(tokenizer):
+    rows = list(L.tokenize_stream(text_stream(WIKI_ROWS), tokenizer, separate_documents=False))
+    assert all(EOS not in r["input_ids"] for r in rows)
+
+
+def test_literal_endoftext_in_text_is_ordinary_text(tokenizer, fast_tokenizer):
+    for tok in (tokenizer, fast_tokenizer):
+        (row,) = L.tokenize_stream(text_stream(["say <|endoftext|> twice <|endoftext|>"]), tok)
+        assert row["input_ids"].count(EOS) == 1 and row["input_ids"][0] == EOS  # only the separator
+
+
+def test_none_and_empty_text_are_skipped_and_nothing_else_is_lost(tokenizer):
+    stream = text_stream(["alpha", None, "", "beta", None])
+    rows = list(L.tokenize_stream(stream, tokenizer, separate_documents=False))
+    assert [tokenizer.decode(r["input_ids"]) for r in rows] == ["alpha", "beta"]
+
+
+def test_non_string_text_names_the_row_and_column(tokenizer):
+    def gen():
+        yield from ({"text": t} for t in ["fine", "also fine", 42])
+
+    stream = datasets.IterableDataset.from_generator(gen)
+    with pytest.raises(TypeError, match=r"row 2, column 'text': expected a string or None, got int 42"):
+        list(L.tokenize_stream(stream, tokenizer))
+
+
+def test_stream_without_text_column_is_refused_naming_the_columns(tokenizer):
+    known = datasets.Dataset.from_dict({"body": ["x"], "id": [1]}).to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"no 'text' column.*\['body', 'id'\]"):
+        L.tokenize_stream(known, tokenizer)
+    unknown = datasets.IterableDataset.from_generator(lambda: iter([{"body": "x"}]))
+    assert unknown.column_names is None
+    with pytest.raises(ValueError, match=r"no 'text' column.*\['body'\]"):
+        L.tokenize_stream(unknown, tokenizer)
+    with pytest.raises(TypeError, match="IterableDataset"):
+        L.tokenize_stream([{"text": "x"}], tokenizer)
+
+
+def test_other_columns_are_dropped_with_blank_rows(tokenizer):
+    stream = datasets.Dataset.from_dict({"text": ["a", "", "b"], "id": [0, 1, 2]}).to_iterable_dataset()
+    rows = list(L.tokenize_stream(stream, tokenizer))
+    assert [list(r) for r in rows] == [["input_ids"], ["input_ids"]]
+
+
+def test_tokenizing_is_lazy(tokenizer):
+    def gen():
+        raise AssertionError("read a row before iteration")
+        yield  # a generator function
+
+    stream = datasets.IterableDataset.from_generator(gen, features=datasets.Features({"text": datasets.Value("string")}))
+    L.tokenize_stream(stream, tokenizer)  # builds the pipeline without reading
+
+
+def test_long_documents_raise_no_length_warning(tokenizer, capfd):
+    text = "word " * 3000  # 3,001 tokens
+    bundled_max, tokenizer.model_max_length = tokenizer.model_max_length, 1024  # the Hub's gpt2 has 1024
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            (row,) = L.tokenize_stream(text_stream([text]), tokenizer)
+    finally:
+        tokenizer.model_max_length = bundled_max
+    assert len(row["input_ids"]) == 1 + 3001  # EOS + every token: no truncation
+    assert "longer than the specified maximum" not in capfd.readouterr().err
