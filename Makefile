@@ -1,0 +1,33 @@
+# The lab's two commands, on a fresh machine with Python 3.11 and make:
+#   make notebook   install into .venv, execute the notebook headless (offline: the bundled sample),
+#                   write the executed notebook with its plot to build/lab2_streaming_lm.html
+#   make test       install into .venv, run the unit tests and nbval on the notebook
+# ONLINE=1 make notebook streams the real WikiText-103 from the Hub instead.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+ONLINE ?= 0
+ifeq ($(ONLINE),1)
+  HF_ENV :=
+else
+  HF_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+endif
+
+.PHONY: install notebook test benchmark
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	# a CPU build of torch first, so that requirements.txt's torch>=2.4 installs nothing more
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+notebook: install
+	$(HF_ENV) $(PY) -m jupyter nbconvert --to html --execute lab2_streaming_lm.ipynb --output-dir build
+	@echo "report: build/lab2_streaming_lm.html"
+
+test: install
+	$(PY) -m pytest
