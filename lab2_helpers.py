@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import datasets
@@ -45,6 +46,8 @@ TEXT_COLUMN = "text"
 EOS_TOKEN_ID = 50256  # GPT-2 <|endoftext|>: document separator and padding id
 IGNORE_INDEX = -100  # label of padding: ignored by torch.nn.functional.cross_entropy
 TOKENIZE_BATCH_ROWS = 1000  # rows per tokenizer call in the lazy map
+FILL_BLOCKS = 8  # the packer joins rows once per 8 blocks' worth of tokens: few numpy calls, small carry
+PREFETCH_BATCHES = 16  # batches queued per DataLoader worker (torch's default: 2)
 HUB_PROBE_SECONDS = 5.0  # give up on the Hub after this long (datasets alone retries ~25 s)
 
 ROOT = Path(__file__).resolve().parent
@@ -150,7 +153,10 @@ class TiktokenGPT2:
     """tiktoken's GPT-2 encoding built from the bundled files, called like a HF tokenizer.
 
     `tok(texts)["input_ids"]` -> list of id lists, identical to GPT2TokenizerFast's ids; a literal
-    "<|endoftext|>" in text is ordinary text unless `split_special_tokens=False`.
+    "<|endoftext|>" in text is ordinary text unless `split_special_tokens=False`. A list is encoded
+    in `num_threads` contiguous chunks (tiktoken releases the GIL), one thread inside a DataLoader
+    worker, where the workers are the parallelism. Measured on the bundled sample, 2 cores: one
+    future per chunk ran ~2.5x faster than tiktoken's own encode_batch (one future per text).
     """
 
     eos_token = "<|endoftext|>"
@@ -170,15 +176,24 @@ class TiktokenGPT2:
         self.vocab_size = self.encoding.n_vocab
         self.num_threads = num_threads or os.cpu_count() or 1
 
+    def _encode_chunk(self, texts, allowed):
+        if allowed:
+            return [self.encoding.encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
+        return [self.encoding.encode_ordinary(t) for t in texts]
+
     def __call__(self, text, add_special_tokens=False, split_special_tokens=True, **_ignored):
         """Encode a string or a list of strings; returns {"input_ids": ids or list of ids}."""
         allowed = set() if split_special_tokens else "all"
         if isinstance(text, str):
-            return {"input_ids": self.encoding.encode(text, allowed_special=allowed, disallowed_special=())}
-        batch = self.encoding.encode_batch(
-            list(text), num_threads=self.num_threads, allowed_special=allowed, disallowed_special=()
-        )
-        return {"input_ids": batch}
+            return {"input_ids": self._encode_chunk([text], allowed)[0]}
+        texts = list(text)
+        threads = 1 if torch.utils.data.get_worker_info() is not None else min(self.num_threads, len(texts))
+        if threads <= 1:
+            return {"input_ids": self._encode_chunk(texts, allowed)}
+        size = -(-len(texts) // threads)
+        with ThreadPoolExecutor(threads) as pool:
+            chunks = pool.map(self._encode_chunk, [texts[i : i + size] for i in range(0, len(texts), size)], itertools.repeat(allowed))
+            return {"input_ids": [ids for chunk in chunks for ids in chunk]}
 
     def decode(self, ids, **_ignored):
         return self.encoding.decode([int(i) for i in ids])
@@ -276,11 +291,20 @@ def token_ids(example, index=None):
     return example
 
 
+def flatten_rows(rows, n_tokens):
+    """Concatenate token rows (lists, arrays or tensors) into one (n_tokens,) int64 array."""
+    if all(type(row) is list for row in rows):  # the usual case: one pass over Python ints
+        return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=n_tokens)
+    return np.concatenate([np.asarray(row, dtype=np.int64).reshape(-1) for row in rows] or [np.empty(0, np.int64)])
+
+
 class RollingBuffer:
     """The packer's state: tokens read from the stream but not yet emitted in a block.
 
     `pack(token_lists)` yields (block_size,) int64 views; between two yields `carry()` is exactly
-    the tokens read and not yet emitted, which is what a checkpoint must keep.
+    the tokens read and not yet emitted, which is what a checkpoint must keep. Rows are gathered
+    until FILL_BLOCKS blocks' worth, joined in one numpy call and cut into views: per token the
+    cost is one int conversion, never a Python-level copy of the buffer (no `buf = buf[256:]`).
     """
 
     def __init__(self, block_size=BLOCK_SIZE, carry=(), blocks=0, tokens=0):
@@ -288,38 +312,46 @@ class RollingBuffer:
         self.block_size = int(block_size)
         self._buf = np.asarray(carry, dtype=np.int64).reshape(-1)  # emitted tokens are buf[:pos]
         self._pos = 0
-        self._pending = []  # token lists read but not yet concatenated into buf
+        self._pending, self._n_pending = [], 0  # rows read but not yet joined into buf
         self.blocks, self.tokens = blocks, tokens  # emitted so far: blocks, real (unpadded) tokens
         self.dropped = 0  # tokens in a final partial block that was not padded
 
     def carry(self):
         """Tokens read but not yet emitted, as a (n,) int64 array."""
-        return np.concatenate([self._buf[self._pos :], *(np.asarray(p, dtype=np.int64) for p in self._pending)])
+        return np.concatenate([self._buf[self._pos :], flatten_rows(self._pending, self._n_pending)])
+
+    def _join(self):
+        self._buf, self._pos = self.carry(), 0
+        self._pending, self._n_pending = [], 0
+
+    def _cut(self):
+        """Yield every full block left in buf."""
+        size, ones = self.block_size, np.ones(self.block_size, dtype=np.int64)
+        while len(self._buf) - self._pos >= size:
+            self._pos += size
+            self.blocks, self.tokens = self.blocks + 1, self.tokens + size
+            yield {"input_ids": self._buf[self._pos - size : self._pos], "attention_mask": ones.copy()}
 
     def pack(self, token_lists, *, pad_last=False, pad_token_id=EOS_TOKEN_ID):
         """Yield dicts of `input_ids` and `attention_mask`, each (block_size,) int64."""
-        size, n_pending = self.block_size, 0
+        fill = self.block_size * FILL_BLOCKS
         for index, row in enumerate(token_lists):
             ids = token_ids(row, index)
             self._pending.append(ids)
-            n_pending += len(ids)
-            if len(self._buf) - self._pos + n_pending < size:
-                continue
-            # one concatenation per block's worth of rows: linear in the stream, never buf = buf[256:]
-            self._buf, self._pos = self.carry(), 0
-            self._pending, n_pending = [], 0
-            while len(self._buf) - self._pos >= size:
-                self._pos += size
-                self.blocks, self.tokens = self.blocks + 1, self.tokens + size
-                yield {"input_ids": self._buf[self._pos - size : self._pos], "attention_mask": np.ones(size, np.int64)}
-        tail = self.carry()
-        self._buf, self._pos, self._pending = tail[:0], 0, []
+            self._n_pending += len(ids)
+            if self._n_pending >= fill:
+                self._join()
+                yield from self._cut()
+        self._join()
+        yield from self._cut()
+        tail, size = self.carry(), self.block_size
+        self._buf, self._pos = tail[:0], 0
         if len(tail) and pad_last:
-            mask = np.arange(size) < len(tail)  # padding: mask 0, label -100 in collate_fn
             ids = np.full(size, pad_token_id, dtype=np.int64)
             ids[: len(tail)] = tail
+            mask = (np.arange(size) < len(tail)).astype(np.int64)  # padding: mask 0, label -100 in collate_fn
             self.blocks, self.tokens = self.blocks + 1, self.tokens + len(tail)
-            yield {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
+            yield {"input_ids": ids, "attention_mask": mask}
         elif len(tail):
             self.dropped += len(tail)
             logger.info("dropped the final %d tokens (< block_size=%d); pass pad_last=True to keep them", len(tail), size)
@@ -426,8 +458,8 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
         return {"stream": stream_state, "carry": carry, "blocks": blocks, "tokens": tokens}
 
     def state_dict(self):
-        """This part's position: config, `stream` state, `carry` (LongTensor of read but unemitted
-        tokens) and the `blocks` / real `tokens` emitted so far."""
+        """This part's position: config, `stream` state, `carry` (list of the tokens read but not
+        yet emitted) and the `blocks` / real `tokens` emitted so far."""
         if self._resume is not None or self._packer is None:  # nothing read since the last load
             position = self._resume or self._position(None, [])
         else:
@@ -437,7 +469,9 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
             else:
                 stream_state = {"rows": self._rows_read}
             position = self._position(stream_state, packer.carry(), packer.blocks, packer.tokens)
-        carry = torch.as_tensor(np.asarray(position["carry"], dtype=np.int64))
+        # a list, not a tensor: a worker sends its state with every batch, and a tensor would cost
+        # one more shared-memory segment per batch; lists also load with torch.load(weights_only=True)
+        carry = np.asarray(position["carry"], dtype=np.int64).tolist()
         return {**self._config(), **position, "carry": carry}
 
     def load_state_dict(self, state):
@@ -491,33 +525,43 @@ def collate_fn(examples):
     """Step 5: list of B blocks -> {"input_ids", "attention_mask", "labels"}, each LongTensor (B, T).
 
     labels equal input_ids where attention_mask is 1 and -100 where it is 0, so padding never counts
-    in the loss (the model shifts labels itself, as in Hugging Face causal LMs).
+    in the loss (the model shifts labels itself, as in Hugging Face causal LMs). The three are views
+    of one (3, B, T) tensor: a DataLoader worker then ships one shared-memory segment per batch, not
+    three (measured: 1.5 instead of 3.6 ms per batch).
     """
     if not examples:
         raise ValueError("collate_fn got an empty batch")
+    ids = [token_ids(ex, i) for i, ex in enumerate(examples)]
+    masks = [ex.get("attention_mask", np.ones(len(x), np.int64)) if isinstance(ex, dict) else np.ones(len(x), np.int64) for ex, x in zip(examples, ids)]
     try:
-        input_ids = np.stack([np.asarray(token_ids(ex, i), dtype=np.int64) for i, ex in enumerate(examples)])
-        mask = np.stack([np.asarray(ex.get("attention_mask", np.ones(len(ex["input_ids"]))), np.int64) for ex in examples])
+        input_ids, mask = np.stack(ids), np.stack(masks)  # (B, T) each
     except ValueError as err:
-        raise ValueError(f"collate_fn needs blocks of one length and int ids: {err}") from err
+        raise ValueError(f"collate_fn needs blocks of one length: {err}") from err
     if input_ids.shape != mask.shape or input_ids.ndim != 2:
         raise ValueError(f"input_ids {input_ids.shape} and attention_mask {mask.shape} must be equal (B, T)")
-    input_ids, mask = torch.from_numpy(input_ids), torch.from_numpy(mask)  # (B, T) int64
-    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # (B, T)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    out = np.stack([input_ids, mask, input_ids]).astype(np.int64, copy=False)  # (3, B, T)
+    np.putmask(out[2], out[1] == 0, IGNORE_INDEX)  # labels: -100 on padding
+    batch = torch.from_numpy(out)
+    return {"input_ids": batch[0], "attention_mask": batch[1], "labels": batch[2]}
 
 
 def make_dataloader(dataset, batch_size=BATCH_SIZE, num_workers=0, **kwargs):
     """A resumable DataLoader (torchdata's StatefulDataLoader) with `collate_fn`.
 
     `loader.state_dict()` / `load_state_dict()` checkpoint the position of every worker, including
-    each worker's rolling buffer. With workers, TOKENIZERS_PARALLELISM defaults to false: forked
-    workers cannot share the Rust tokenizer's thread pool (and would warn on stderr).
+    each worker's rolling buffer. Workers snapshot their state every batch (torchdata's default
+    `snapshot_every_n_steps=1`); pass your checkpoint interval to save that work. With workers,
+    TOKENIZERS_PARALLELISM defaults to false: forked workers cannot share the Rust tokenizer's
+    thread pool (and would warn on stderr). On 2 cores a worker costs ~1.5 ms of inter-process
+    transfer per 8 x 256 batch, so workers pay off only where tokenizing is slower than that.
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     if num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # blocks come in bursts (one tokenizer call, then many blocks): a deeper queue per worker
+        # keeps the workers busy while the main process waits for the other one (in-order batches)
+        kwargs.setdefault("prefetch_factor", PREFETCH_BATCHES)
     with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.13 deprecates
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
         return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, **kwargs)

@@ -66,11 +66,19 @@ def test_row_without_input_ids_is_named():
 
 
 def test_carry_is_the_read_but_unemitted_tokens():
-    packer = L.RollingBuffer(block_size=4)
-    blocks = packer.pack([[1, 2, 3, 4, 5, 6], [7]])
-    assert next(blocks)["input_ids"].tolist() == [1, 2, 3, 4]
-    assert packer.carry().tolist() == [5, 6]  # row 2 not read yet
-    resumed = L.RollingBuffer(block_size=4, carry=packer.carry()).pack([[7, 8]])
+    rows, read = [list(range(i * 100, i * 100 + 37)) for i in range(60)], []
+
+    def reading():
+        for row in rows:
+            read.append(row)
+            yield row
+
+    packer = L.RollingBuffer(block_size=16)
+    emitted = []
+    for block in packer.pack(reading()):
+        emitted += block["input_ids"].tolist()
+        assert emitted + packer.carry().tolist() == [t for row in read for t in row]
+    resumed = L.RollingBuffer(block_size=4, carry=[5, 6]).pack([[7, 8]])
     assert next(resumed)["input_ids"].tolist() == [5, 6, 7, 8]
 
 

@@ -43,6 +43,11 @@ def test_tiktoken_backend_matches_hf_ids_on_the_bundled_sample(tokenizer, fast_t
     assert sum(map(len, hf)) > 250_000
 
 
+def test_tiktoken_backend_can_read_special_tokens_when_asked(fast_tokenizer):
+    assert fast_tokenizer("a <|endoftext|>", split_special_tokens=False)["input_ids"] == [64, 220, EOS]
+    assert EOS not in fast_tokenizer("a <|endoftext|>")["input_ids"]
+
+
 def test_tokenizer_backend_choices_are_checked():
     with pytest.raises(ValueError, match="tiktoken"):
         L.load_tokenizer(backend="sentencepiece")
