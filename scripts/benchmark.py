@@ -1,0 +1,270 @@
+"""Throughput and memory of the pipeline, side by side with the seed-style pipeline, in one run.
+
+    .venv/bin/python scripts/benchmark.py [--repeats 3] [--out docs]
+
+Writes docs/benchmark.md (the table, with date and machine) and docs/benchmark.png (bar chart).
+Every figure is the best of `--repeats` runs, all measured in this one process (except peak RSS,
+measured in fresh subprocesses), so the ratios compare like with like on a noisy machine.
+
+Corpora, both streamed from parquet with `datasets` like the real data:
+- "wikitext rows": the bundled sample as it is (3,025 short rows, 6 shards);
+- "long documents": the same text with each article joined into one row (138 rows, ~2,200
+  tokens each, 6 shards): where a quadratic buffer hurts.
+Pipelines:
+1. the tokenizer alone on the same texts, in memory (HF fast; tiktoken): the limit;
+2. the seed-style pipeline (`SeedStyleDataset`): per-row iteration and tokenization, a Python list
+   buffer cut with `buffer = buffer[block_size:]`, `torch.tensor` collate;
+3. ours with the default tokenizer (HF GPT2TokenizerFast);
+4. ours with the tiktoken backend;
+5. ours in 1 and in 2 DataLoader workers, both tokenizers (6 shards: the workers share them;
+   these runs stream the corpus 3 times over to amortize the workers' start-up).
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local corpora only: never wait for the Hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lab2_helpers as L  # noqa: E402
+
+ROOT = L.ROOT
+TOKENIZE_ROWS = L.TOKENIZE_BATCH_ROWS  # texts per tokenizer call in the raw measurement, as in the pipeline
+SCALE = 10  # the memory check streams the corpus this many times over
+WORKER_REPEAT = 3  # the worker runs stream the corpus 3 times over
+
+
+class SeedStyleDataset(torch.utils.data.IterableDataset):
+    """The seed's pipeline, rebuilt as it is described (do not use: it is the baseline).
+
+    Per-row iteration, one tokenizer call per row, a Python list buffer and
+    `buffer = buffer[block_size:]`, which copies the whole rest of the buffer for every block:
+    quadratic in the length of a document.
+    """
+
+    def __init__(self, stream, tokenizer, block_size=L.BLOCK_SIZE):
+        self.stream, self.tokenizer, self.block_size = stream, tokenizer, block_size
+
+    def __iter__(self):
+        buffer = []
+        for example in self.stream:
+            buffer.extend(self.tokenizer(example["text"])["input_ids"] + [self.tokenizer.eos_token_id])
+            while len(buffer) >= self.block_size:
+                yield {"input_ids": buffer[: self.block_size]}
+                buffer = buffer[self.block_size :]
+
+
+def seed_style_collate(examples):
+    input_ids = torch.tensor([ex["input_ids"] for ex in examples])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def seed_style_loader(stream, tokenizer, batch_size=L.BATCH_SIZE):
+    """DataLoader over `SeedStyleDataset` (a plain torch DataLoader, as the seed had)."""
+    return torch.utils.data.DataLoader(SeedStyleDataset(stream, tokenizer), batch_size=batch_size, collate_fn=seed_style_collate)
+
+
+def our_loader(stream, tokenizer, num_workers=0):
+    """The lab's pipeline: tokenize_stream -> StreamingLMIterableDataset -> make_dataloader."""
+    dataset = L.StreamingLMIterableDataset(L.tokenize_stream(stream, tokenizer))
+    return L.make_dataloader(dataset, num_workers=num_workers)
+
+
+def write_corpora(folder):
+    """The two corpora as 6-shard parquet folders; returns {name: list of files}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = [pq.read_table(f)["text"].to_pylist() for f in sorted(L.SAMPLE_DIR.glob(L.SAMPLE_FILES))]
+    corpora = {"wikitext rows": [str(f) for f in sorted(L.SAMPLE_DIR.glob(L.SAMPLE_FILES))], "long documents": []}
+    for k, rows in enumerate(shards):
+        articles, current = [], []
+        for row in rows:
+            if row and L.starts_document(row, "wikitext") and current:
+                articles.append("".join(current))
+                current = []
+            current.append(row)
+        articles.append("".join(current))
+        path = Path(folder) / f"long-{k:05d}.parquet"
+        pq.write_table(pa.table({"text": articles}), path)
+        corpora["long documents"].append(str(path))
+    return corpora
+
+
+def raw_tokenizer_tokens(tokenizer, texts):
+    """Tokens of `texts`, encoded TOKENIZE_ROWS at a time with the pipeline's call."""
+    total = 0
+    for i in range(0, len(texts), TOKENIZE_ROWS):
+        ids = tokenizer(texts[i : i + TOKENIZE_ROWS], add_special_tokens=False, split_special_tokens=True, verbose=False)
+        total += sum(map(len, ids["input_ids"]))
+    return total
+
+
+def measure_speeds(corpora, repeats):
+    """{corpus: {pipeline: best tokens/s}}, every pipeline on every corpus, in this process.
+
+    Repeats are interleaved (run 1 of everything, then run 2, ...) so that a slow spell of the
+    machine hits all pipelines alike. The DataLoader-worker runs come last: starting workers sets
+    TOKENIZERS_PARALLELISM=false, which would slow the in-process HF runs after them.
+    """
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    hf, fast = L.load_tokenizer(), L.load_tokenizer(backend="tiktoken")
+    in_process, with_workers = [], []
+    for corpus, files in corpora.items():
+        texts = [t for f in files for t in pq.read_table(f)["text"].to_pylist() if t]
+        stream = L.load_text_stream(data_files=files)
+        longer = stream.repeat(WORKER_REPEAT)  # worker start-up (~0.2 s) amortized over 3 passes
+        in_process += [
+            (corpus, "tokenizer alone, HF", lambda texts=texts: raw_tokenizer_tokens(hf, texts)),
+            (corpus, "tokenizer alone, tiktoken", lambda texts=texts: raw_tokenizer_tokens(fast, texts)),
+            (corpus, "seed-style pipeline (HF)", lambda s=stream: tokens_through(seed_style_loader(s, hf))),
+            (corpus, "ours, HF", lambda s=stream: tokens_through(our_loader(s, hf))),
+            (corpus, "ours, tiktoken", lambda s=stream: tokens_through(our_loader(s, fast))),
+        ]
+        with_workers += [
+            (corpus, f"ours, {name}, {n} worker{'s' * (n > 1)}", lambda s=longer, t=tok, n=n: tokens_through(our_loader(s, t, n)))
+            for name, tok in (("HF", hf), ("tiktoken", fast))
+            for n in (1, 2)
+        ]
+    results = {corpus: {} for corpus in corpora}
+    with tqdm(total=repeats * (len(in_process) + len(with_workers)), desc="benchmark", unit="run") as bar:
+        for runs in (in_process, with_workers):
+            for _ in range(repeats):
+                for corpus, name, fn in runs:
+                    start = time.perf_counter()
+                    rate = fn() / (time.perf_counter() - start)
+                    results[corpus][name] = max(rate, results[corpus].get(name, 0.0))
+                    bar.update()
+    return results
+
+
+def tokens_through(loader):
+    return L.measure_throughput(loader)["tokens"]
+
+
+def peak_rss_run(files, scale):
+    """Child process: stream the corpus `scale` times through our pipeline (tiktoken);
+    prints 'tokens rss_before_kib peak_kib'."""
+    stream = L.load_text_stream(data_files=files)
+    stream = stream.repeat(scale) if scale > 1 else stream
+    loader = our_loader(stream, L.load_tokenizer(backend="tiktoken"))
+    before = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+    tokens = L.measure_throughput(loader)["tokens"]
+    print(tokens, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def measure_memory(corpora):
+    """{corpus: {scale: (tokens, rss before iterating MiB, peak RSS MiB)}} for scale 1 and SCALE."""
+    memory = {}
+    for corpus, files in corpora.items():
+        memory[corpus] = {}
+        for scale in (1, SCALE):
+            cmd = [sys.executable, __file__, "--rss-run", str(scale), *files]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
+            tokens, before, peak = map(int, out[-3:])
+            memory[corpus][scale] = (tokens, before / 1024, peak / 1024)
+    return memory
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    import datasets
+    import tiktoken
+    import transformers
+
+    versions = f"torch {torch.__version__}, datasets {datasets.__version__}, transformers {transformers.__version__}, tiktoken {tiktoken.__version__}"
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; {versions}"
+
+
+def table(speeds, memory, repeats):
+    """The markdown report."""
+    lines = [
+        f"# Benchmark: {datetime.date.today().isoformat()}",
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `python scripts/benchmark.py --repeats {repeats}`; best of {repeats} runs, all in one process.",
+        "",
+    ]
+    corpora = list(speeds)
+    lines += ["| pipeline | " + " | ".join(f"{c}: tokens/s | x seed" for c in corpora) + " |"]
+    lines += ["|---|" + "---:|---:|" * len(corpora)]
+    for name in speeds[corpora[0]]:
+        cells = []
+        for c in corpora:
+            rate, seed = speeds[c][name], speeds[c]["seed-style pipeline (HF)"]
+            cells += [f"{rate:,.0f}", f"{rate / seed:.1f}x"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Ours against the tokenizer it uses (1.00 = the pipeline costs nothing beyond tokenizing):", ""]
+    for c in corpora:
+        s = speeds[c]
+        lines.append(
+            f"- {c}: HF {s['ours, HF'] / s['tokenizer alone, HF']:.2f}, tiktoken {s['ours, tiktoken'] / s['tokenizer alone, tiktoken']:.2f}; "
+            f"2 workers / 1 worker: HF {s['ours, HF, 2 workers'] / s['ours, HF, 1 worker']:.2f}x, "
+            f"tiktoken {s['ours, tiktoken, 2 workers'] / s['ours, tiktoken, 1 worker']:.2f}x"
+        )
+    lines += ["", f"Peak memory (RSS) of our pipeline (tiktoken) streaming the corpus once and {SCALE} times:", ""]
+    lines += ["| corpus | tokens | RSS before iterating | peak RSS | peak RSS, x10 corpus | growth |", "|---|---:|---:|---:|---:|---:|"]
+    for c, runs in memory.items():
+        (t1, b1, p1), (_, _, p10) = runs[1], runs[SCALE]
+        lines.append(f"| {c} | {t1:,} | {b1:.0f} MiB | {p1:.0f} MiB | {p10:.0f} MiB | {100 * (p10 - p1) / p1:+.1f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(speeds, path):
+    """Grouped horizontal bars: tokens/s per pipeline, one group per corpus."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(next(iter(speeds.values())))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    height = 0.8 / len(speeds)
+    for k, (corpus, rates) in enumerate(speeds.items()):
+        y = np.arange(len(names)) + k * height
+        ax.barh(y, [rates[n] / 1e6 for n in names], height, label=corpus)
+    ax.set_yticks(np.arange(len(names)) + height * (len(speeds) - 1) / 2, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("million tokens per second (best of runs)")
+    ax.set_title(f"Streaming LM pipeline throughput, {datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for benchmark.md and benchmark.png")
+    parser.add_argument("--rss-run", type=int, metavar="SCALE", help=argparse.SUPPRESS)
+    parser.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_run:
+        return peak_rss_run(args.files, args.rss_run)
+    with tempfile.TemporaryDirectory() as folder:
+        corpora = write_corpora(folder)
+        speeds = measure_speeds(corpora, args.repeats)
+        memory = measure_memory(corpora)
+    args.out.mkdir(exist_ok=True)
+    report = table(speeds, memory, args.repeats)
+    (args.out / "benchmark.md").write_text(report)
+    chart(speeds, args.out / "benchmark.png")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
