@@ -45,7 +45,8 @@ DATASET_SPLIT = "train"
 TEXT_COLUMN = "text"
 EOS_TOKEN_ID = 50256  # GPT-2 <|endoftext|>: document separator and padding id
 IGNORE_INDEX = -100  # label of padding: ignored by torch.nn.functional.cross_entropy
-TOKENIZE_BATCH_ROWS = 1000  # rows per tokenizer call in the lazy map
+TOKENIZE_BATCH_ROWS = 1000  # rows per batch of the lazy map (256: 10-20 % slower on WikiText rows)
+TOKENIZE_CHARS = 1_000_000  # characters per tokenizer call at most (one longer text goes alone)
 FILL_BLOCKS = 8  # the packer joins rows once per 8 blocks' worth of tokens: few numpy calls, small carry
 PREFETCH_BATCHES = 16  # batches queued per DataLoader worker (torch's default: 2)
 HUB_PROBE_SECONDS = 5.0  # give up on the Hub after this long (datasets alone retries ~25 s)
@@ -154,9 +155,9 @@ class TiktokenGPT2:
 
     `tok(texts)["input_ids"]` -> list of id lists, identical to GPT2TokenizerFast's ids; a literal
     "<|endoftext|>" in text is ordinary text unless `split_special_tokens=False`. A list is encoded
-    in `num_threads` contiguous chunks (tiktoken releases the GIL), one thread inside a DataLoader
-    worker, where the workers are the parallelism. Measured on the bundled sample, 2 cores: one
-    future per chunk ran ~2.5x faster than tiktoken's own encode_batch (one future per text).
+    in `num_threads` contiguous chunks, one thread inside a DataLoader worker, where the workers are
+    the parallelism. Measured on 2 cores: one future per chunk ran 3x faster than tiktoken's own
+    encode_batch (one future per text) on the sample's short rows, 1.4x on whole chapters.
     """
 
     eos_token = "<|endoftext|>"
@@ -206,7 +207,8 @@ def load_tokenizer(name_or_path=None, *, backend="hf"):
     """The GPT-2 tokenizer. None: the bundled files (ids identical to the Hub's `gpt2`), offline.
 
     backend="hf" (default): transformers' GPT2TokenizerFast; any other `name_or_path` goes to
-    AutoTokenizer.from_pretrained. backend="tiktoken": `TiktokenGPT2`, same ids, about 3x faster.
+    AutoTokenizer.from_pretrained. backend="tiktoken": `TiktokenGPT2`, same ids, 4.5-10x faster
+    (docs/benchmark.md).
     """
     if backend not in TOKENIZER_BACKENDS:
         raise ValueError(f"backend must be one of {TOKENIZER_BACKENDS}, got {backend!r}")
@@ -243,16 +245,36 @@ def _tokenize_batch(batch, indices, *, tokenizer, eos_token_id, layout):
         if text is not None and not isinstance(text, str):
             raise TypeError(f"row {index}, column {TEXT_COLUMN!r}: expected a string or None, got {type(text).__name__} {text!r:.60}")
     kept = [t for t in texts if t]  # None and "" carry no tokens (WikiText's blank rows)
-    ids = tokenizer(kept, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
-    if eos_token_id is not None:
-        ids = [[eos_token_id, *row] if starts_document(t, layout) else row for t, row in zip(kept, ids)]
-    return {"input_ids": ids}
+    rows = []
+    for text, ids in zip(kept, encode_texts(tokenizer, kept)):
+        start = int(eos_token_id is not None and starts_document(text, layout))
+        row = np.empty(start + len(ids), dtype=np.int32)  # 4 bytes a token, not a Python int's ~32
+        row[start:] = ids
+        if start:
+            row[0] = eos_token_id
+        rows.append(row)
+    return {"input_ids": rows}
 
 
-def tokenize_stream(stream, tokenizer, *, separate_documents=True, layout="auto"):
-    """Step 2: lazily tokenize a text stream -> `datasets.IterableDataset` of {"input_ids": list[int]}.
+def encode_texts(tokenizer, texts):
+    """Yield the token ids of each text, tokenizing about TOKENIZE_CHARS characters per call, so
+    the tokenizer's lists of Python ints (~32 bytes a token) never hold more than that at once."""
+    start = 0
+    while start < len(texts):
+        end, chars = start + 1, len(texts[start])
+        while end < len(texts) and chars + len(texts[end]) <= TOKENIZE_CHARS:
+            chars += len(texts[end])
+            end += 1
+        yield from tokenizer(texts[start:end], add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+        start = end
+
+
+def tokenize_stream(stream, tokenizer, *, separate_documents=True, layout="auto", batch_rows=TOKENIZE_BATCH_ROWS):
+    """Step 2: lazily tokenize a text stream -> `datasets.IterableDataset` of {"input_ids": (n,) int32 array}.
 
     No padding, no truncation, one output row per non-blank input row (None and "" rows are skipped).
+    Memory holds one batch of `batch_rows` rows (text and int32 ids) plus one tokenizer call's
+    Python lists (<= TOKENIZE_CHARS characters, or one longer text).
     With `separate_documents`, EOS (50256) goes in front of every row that opens a document (see
     `starts_document`; never between the lines of one article). A literal "<|endoftext|>" in the text
     is encoded as ordinary text, never as the separator.
@@ -272,7 +294,7 @@ def tokenize_stream(stream, tokenizer, *, separate_documents=True, layout="auto"
     fn = functools.partial(_tokenize_batch, tokenizer=tokenizer, eos_token_id=eos, layout=layout)
     # keep only `text` so that dropping blank rows cannot misalign other columns
     return stream.select_columns([TEXT_COLUMN]).map(
-        fn, batched=True, batch_size=TOKENIZE_BATCH_ROWS, with_indices=True, remove_columns=[TEXT_COLUMN]
+        fn, batched=True, batch_size=batch_rows, with_indices=True, remove_columns=[TEXT_COLUMN]
     )
 
 
@@ -292,10 +314,10 @@ def token_ids(example, index=None):
 
 
 def flatten_rows(rows, n_tokens):
-    """Concatenate token rows (lists, arrays or tensors) into one (n_tokens,) int64 array."""
-    if all(type(row) is list for row in rows):  # the usual case: one pass over Python ints
+    """Concatenate token rows (arrays, tensors or lists) into one (n_tokens,) int64 array."""
+    if rows and all(type(row) is list for row in rows):  # one pass over Python ints
         return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=n_tokens)
-    return np.concatenate([np.asarray(row, dtype=np.int64).reshape(-1) for row in rows] or [np.empty(0, np.int64)])
+    return np.concatenate([np.asarray(row).reshape(-1) for row in rows] or [np.empty(0, np.int64)], dtype=np.int64)
 
 
 class RollingBuffer:
@@ -532,7 +554,7 @@ def collate_fn(examples):
     if not examples:
         raise ValueError("collate_fn got an empty batch")
     ids = [token_ids(ex, i) for i, ex in enumerate(examples)]
-    masks = [ex.get("attention_mask", np.ones(len(x), np.int64)) if isinstance(ex, dict) else np.ones(len(x), np.int64) for ex, x in zip(examples, ids)]
+    masks = [ex["attention_mask"] if isinstance(ex, dict) and "attention_mask" in ex else np.ones(len(x), np.int64) for ex, x in zip(examples, ids)]
     try:
         input_ids, mask = np.stack(ids), np.stack(masks)  # (B, T) each
     except ValueError as err:

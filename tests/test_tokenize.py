@@ -3,6 +3,7 @@
 import warnings
 
 import datasets
+import numpy as np
 import pytest
 from conftest import WIKI_ROWS, text_stream
 
@@ -20,6 +21,11 @@ TRICKY = [
     " leading and trailing spaces   ",
     "",
 ]
+
+
+def ids(row):
+    """A tokenized row's ids as a list (tokenize_stream gives int32 arrays)."""
+    return row["input_ids"].tolist()
 
 
 def test_bundled_tokenizer_gives_the_hub_gpt2_ids(tokenizer):
@@ -62,35 +68,35 @@ def test_wikitext_articles_get_one_eos_each_and_blank_rows_are_skipped(tokenizer
     for text, row in zip(lines, rows):
         plain = tokenizer(text, add_special_tokens=False)["input_ids"]
         is_title = text.startswith(" = ") and not text.startswith(" = = ")
-        assert row["input_ids"] == ([EOS] + plain if is_title else plain)
-    assert sum(row["input_ids"].count(EOS) for row in rows) == 2  # two articles; no EOS at the section
+        assert ids(row) == ([EOS] + plain if is_title else plain)
+    assert sum(ids(row).count(EOS) for row in rows) == 2  # two articles; no EOS at the section
 
 
 def test_rows_without_trailing_newline_are_documents_of_their_own(tokenizer):
     docs = ["First document.", "Second one, longer.", "Third."]
     rows = list(L.tokenize_stream(text_stream(docs), tokenizer))
-    assert [r["input_ids"] for r in rows] == [[EOS] + tokenizer(d)["input_ids"] for d in docs]
+    assert [ids(r) for r in rows] == [[EOS] + tokenizer(d)["input_ids"] for d in docs]
 
 
 def test_layout_can_be_forced(tokenizer):
     lines = [" one \n", " two \n"]
     as_rows = list(L.tokenize_stream(text_stream(lines), tokenizer, layout="rows"))
-    assert [r["input_ids"][0] for r in as_rows] == [EOS, EOS]
+    assert [ids(r)[0] for r in as_rows] == [EOS, EOS]
     as_wiki = list(L.tokenize_stream(text_stream(["Doc one.", "Doc two."]), tokenizer, layout="wikitext"))
-    assert all(EOS not in r["input_ids"] for r in as_wiki)
+    assert all(EOS not in ids(r) for r in as_wiki)
     with pytest.raises(ValueError, match="wikitext"):
         L.tokenize_stream(text_stream(lines), tokenizer, layout="paragraphs")
 
 
 def test_separate_documents_false_adds_no_eos(tokenizer):
     rows = list(L.tokenize_stream(text_stream(WIKI_ROWS), tokenizer, separate_documents=False))
-    assert all(EOS not in r["input_ids"] for r in rows)
+    assert all(EOS not in ids(r) for r in rows)
 
 
 def test_literal_endoftext_in_text_is_ordinary_text(tokenizer, fast_tokenizer):
     for tok in (tokenizer, fast_tokenizer):
         (row,) = L.tokenize_stream(text_stream(["say <|endoftext|> twice <|endoftext|>"]), tok)
-        assert row["input_ids"].count(EOS) == 1 and row["input_ids"][0] == EOS  # only the separator
+        assert ids(row).count(EOS) == 1 and ids(row)[0] == EOS  # only the separator
 
 
 def test_none_and_empty_text_are_skipped_and_nothing_else_is_lost(tokenizer):
@@ -118,6 +124,11 @@ def test_stream_without_text_column_is_refused_naming_the_columns(tokenizer):
         L.tokenize_stream(unknown, tokenizer)
     with pytest.raises(TypeError, match="IterableDataset"):
         L.tokenize_stream([{"text": "x"}], tokenizer)
+
+
+def test_rows_are_compact_int32_arrays(tokenizer):
+    (row,) = L.tokenize_stream(text_stream(["Hello world"]), tokenizer)
+    assert row["input_ids"].dtype == np.int32 and ids(row) == [EOS, 15496, 995]
 
 
 def test_other_columns_are_dropped_with_blank_rows(tokenizer):
