@@ -3,6 +3,7 @@
 #                   write the executed notebook with its plot to build/lab2_streaming_lm.html
 #   make test       install into .venv, run the unit tests and nbval on the notebook
 # ONLINE=1 make notebook streams the real WikiText-103 from the Hub instead.
+# make benchmark  measures throughput and memory, writes docs/benchmark.md and docs/benchmark.png (~3 min)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -31,3 +32,6 @@ notebook: install
 
 test: install
 	$(PY) -m pytest
+
+benchmark: install
+	$(PY) scripts/benchmark.py

@@ -2,37 +2,39 @@
 
     .venv/bin/python scripts/benchmark.py [--repeats 3] [--out docs]
 
-Writes docs/benchmark.md (the table, with date and machine) and docs/benchmark.png (bar chart).
+Writes docs/benchmark.md (the table, with date and machine) and docs/benchmark.png (bar chart);
+takes about 5 minutes on 2 cores.
 Every figure is the best of `--repeats` runs, all measured in this one process (except peak RSS,
 measured in fresh subprocesses), so the ratios compare like with like on a noisy machine.
 
 Corpora, both streamed from parquet with `datasets` like the real data:
 - "wikitext rows": the bundled sample as it is (3,025 short rows, 6 shards);
 - "long documents": the same text with each article joined into one row (138 rows, ~2,200
-  tokens each, 6 shards): where a quadratic buffer hurts.
+  tokens each, 6 shards);
+- "whole book": the whole text as one row (~300k tokens, 1 shard): where a quadratic buffer hurts.
 Pipelines:
 1. the tokenizer alone on the same texts, in memory (HF fast; tiktoken): the limit;
 2. the seed-style pipeline (`SeedStyleDataset`): per-row iteration and tokenization, a Python list
    buffer cut with `buffer = buffer[block_size:]`, `torch.tensor` collate;
 3. ours with the default tokenizer (HF GPT2TokenizerFast);
 4. ours with the tiktoken backend;
-5. ours in 1 and in 2 DataLoader workers, both tokenizers (6 shards: the workers share them;
-   these runs stream the corpus 3 times over to amortize the workers' start-up).
+5. ours in 1 and in 2 DataLoader workers, both tokenizers, on the 6-shard corpora (the workers
+   share the shards; these runs stream the corpus 3 times over to amortize the workers' start-up).
 """
 
 import argparse
 import datetime
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local corpora only: never wait for the Hub
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if __name__ == "__main__":  # local corpora only: never wait for the Hub (not when imported)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -42,7 +44,7 @@ import lab2_helpers as L  # noqa: E402
 
 ROOT = L.ROOT
 TOKENIZE_ROWS = L.TOKENIZE_BATCH_ROWS  # texts per tokenizer call in the raw measurement, as in the pipeline
-SCALE = 10  # the memory check streams the corpus this many times over
+SCALES = (1, 10, 100)  # the memory check streams each corpus this many times over
 WORKER_REPEAT = 3  # the worker runs stream the corpus 3 times over
 
 
@@ -76,30 +78,32 @@ def seed_style_loader(stream, tokenizer, batch_size=L.BATCH_SIZE):
     return torch.utils.data.DataLoader(SeedStyleDataset(stream, tokenizer), batch_size=batch_size, collate_fn=seed_style_collate)
 
 
-def our_loader(stream, tokenizer, num_workers=0):
+def our_loader(stream, tokenizer, num_workers=0, batch_rows=L.TOKENIZE_BATCH_ROWS):
     """The lab's pipeline: tokenize_stream -> StreamingLMIterableDataset -> make_dataloader."""
-    dataset = L.StreamingLMIterableDataset(L.tokenize_stream(stream, tokenizer))
+    dataset = L.StreamingLMIterableDataset(L.tokenize_stream(stream, tokenizer, batch_rows=batch_rows))
     return L.make_dataloader(dataset, num_workers=num_workers)
 
 
 def write_corpora(folder):
-    """The two corpora as 6-shard parquet folders; returns {name: list of files}."""
+    """The three corpora as parquet files; returns {name: list of files}."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    shards = [pq.read_table(f)["text"].to_pylist() for f in sorted(L.SAMPLE_DIR.glob(L.SAMPLE_FILES))]
-    corpora = {"wikitext rows": [str(f) for f in sorted(L.SAMPLE_DIR.glob(L.SAMPLE_FILES))], "long documents": []}
-    for k, rows in enumerate(shards):
+    sample = [str(f) for f in sorted(L.SAMPLE_DIR.glob(L.SAMPLE_FILES))]
+    corpora = {"wikitext rows": sample, "long documents": [], "whole book": []}
+    for k, path in enumerate(sample):
         articles, current = [], []
-        for row in rows:
+        for row in pq.read_table(path)["text"].to_pylist():
             if row and L.starts_document(row, "wikitext") and current:
                 articles.append("".join(current))
                 current = []
             current.append(row)
         articles.append("".join(current))
-        path = Path(folder) / f"long-{k:05d}.parquet"
-        pq.write_table(pa.table({"text": articles}), path)
-        corpora["long documents"].append(str(path))
+        corpora["long documents"].append(str(Path(folder) / f"long-{k:05d}.parquet"))
+        pq.write_table(pa.table({"text": articles}), corpora["long documents"][-1])
+    book = "".join(row for path in sample for row in pq.read_table(path)["text"].to_pylist())
+    corpora["whole book"].append(str(Path(folder) / "book.parquet"))
+    pq.write_table(pa.table({"text": [book]}), corpora["whole book"][-1])
     return corpora
 
 
@@ -139,6 +143,7 @@ def measure_speeds(corpora, repeats):
             (corpus, f"ours, {name}, {n} worker{'s' * (n > 1)}", lambda s=longer, t=tok, n=n: tokens_through(our_loader(s, t, n)))
             for name, tok in (("HF", hf), ("tiktoken", fast))
             for n in (1, 2)
+            if len(files) > 1  # one shard: a second worker would idle
         ]
     results = {corpus: {} for corpus in corpora}
     with tqdm(total=repeats * (len(in_process) + len(with_workers)), desc="benchmark", unit="run") as bar:
@@ -156,27 +161,37 @@ def tokens_through(loader):
     return L.measure_throughput(loader)["tokens"]
 
 
-def peak_rss_run(files, scale):
+def memory_kib(field):
+    """VmRSS (now) or VmHWM (peak) of this process in KiB. Not ru_maxrss: a child started by
+    fork+exec inherits its parent's peak there, so a small child would report the parent's size."""
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field + ":")).split()[1])
+
+
+def peak_rss_run(files, scale, batch_rows):
     """Child process: stream the corpus `scale` times through our pipeline (tiktoken);
     prints 'tokens rss_before_kib peak_kib'."""
     stream = L.load_text_stream(data_files=files)
     stream = stream.repeat(scale) if scale > 1 else stream
-    loader = our_loader(stream, L.load_tokenizer(backend="tiktoken"))
-    before = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+    loader = our_loader(stream, L.load_tokenizer(backend="tiktoken"), batch_rows=batch_rows)
+    before = memory_kib("VmRSS")
     tokens = L.measure_throughput(loader)["tokens"]
-    print(tokens, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(tokens, before, memory_kib("VmHWM"))
 
 
 def measure_memory(corpora):
-    """{corpus: {scale: (tokens, rss before iterating MiB, peak RSS MiB)}} for scale 1 and SCALE."""
+    """{(corpus, batch_rows): {scale: (tokens, RSS before iterating MiB, peak RSS MiB)}} for each
+    of SCALES, each in a fresh process. Memory holds one batch of rows (1,000 by default), so it
+    grows until the stream is longer than one batch, then stays flat: the whole book repeated 10
+    times is 10 books in one batch, so that corpus also runs with batch_rows=1."""
     memory = {}
-    for corpus, files in corpora.items():
-        memory[corpus] = {}
-        for scale in (1, SCALE):
-            cmd = [sys.executable, __file__, "--rss-run", str(scale), *files]
+    runs = [(corpus, L.TOKENIZE_BATCH_ROWS) for corpus in corpora] + [("whole book", 1)]
+    for corpus, batch_rows in runs:
+        memory[corpus, batch_rows] = {}
+        for scale in SCALES:
+            cmd = [sys.executable, __file__, "--rss-run", str(scale), "--batch-rows", str(batch_rows), *corpora[corpus]]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
             tokens, before, peak = map(int, out[-3:])
-            memory[corpus][scale] = (tokens, before / 1024, peak / 1024)
+            memory[corpus, batch_rows][scale] = (tokens, before / 1024, peak / 1024)
     return memory
 
 
@@ -205,22 +220,28 @@ def table(speeds, memory, repeats):
     for name in speeds[corpora[0]]:
         cells = []
         for c in corpora:
-            rate, seed = speeds[c][name], speeds[c]["seed-style pipeline (HF)"]
-            cells += [f"{rate:,.0f}", f"{rate / seed:.1f}x"]
+            rate, seed = speeds[c].get(name), speeds[c]["seed-style pipeline (HF)"]
+            cells += [f"{rate:,.0f}", f"{rate / seed:.1f}x"] if rate else ["n/a (1 shard)", ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Ours against the tokenizer it uses (1.00 = the pipeline costs nothing beyond tokenizing):", ""]
     for c in corpora:
         s = speeds[c]
+        line = f"- {c}: HF {s['ours, HF'] / s['tokenizer alone, HF']:.2f}, tiktoken {s['ours, tiktoken'] / s['tokenizer alone, tiktoken']:.2f}"
+        if "ours, HF, 1 worker" in s:
+            line += (
+                f"; 2 workers / 1 worker: HF {s['ours, HF, 2 workers'] / s['ours, HF, 1 worker']:.2f}x, "
+                f"tiktoken {s['ours, tiktoken, 2 workers'] / s['ours, tiktoken, 1 worker']:.2f}x"
+            )
+        lines.append(line)
+    lines += ["", "Peak memory (RSS, fresh process each) of our pipeline (tiktoken) streaming each corpus 1, 10 and 100 times over:", ""]
+    lines += ["| corpus | batch_rows | RSS before iterating | peak x1 | peak x10 | peak x100 | x1 -> x10 | x10 -> x100 |"]
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (c, batch_rows), runs in memory.items():
+        (_, before, p1), (_, _, p10), (_, _, p100) = (runs[scale] for scale in SCALES)
         lines.append(
-            f"- {c}: HF {s['ours, HF'] / s['tokenizer alone, HF']:.2f}, tiktoken {s['ours, tiktoken'] / s['tokenizer alone, tiktoken']:.2f}; "
-            f"2 workers / 1 worker: HF {s['ours, HF, 2 workers'] / s['ours, HF, 1 worker']:.2f}x, "
-            f"tiktoken {s['ours, tiktoken, 2 workers'] / s['ours, tiktoken, 1 worker']:.2f}x"
+            f"| {c} | {batch_rows} | {before:.0f} MiB | {p1:.0f} MiB | {p10:.0f} MiB | {p100:.0f} MiB | "
+            f"{100 * (p10 - p1) / p1:+.1f} % | {100 * (p100 - p10) / p10:+.1f} % |"
         )
-    lines += ["", f"Peak memory (RSS) of our pipeline (tiktoken) streaming the corpus once and {SCALE} times:", ""]
-    lines += ["| corpus | tokens | RSS before iterating | peak RSS | peak RSS, x10 corpus | growth |", "|---|---:|---:|---:|---:|---:|"]
-    for c, runs in memory.items():
-        (t1, b1, p1), (_, _, p10) = runs[1], runs[SCALE]
-        lines.append(f"| {c} | {t1:,} | {b1:.0f} MiB | {p1:.0f} MiB | {p10:.0f} MiB | {100 * (p10 - p1) / p1:+.1f} % |")
     return "\n".join(lines) + "\n"
 
 
@@ -236,7 +257,7 @@ def chart(speeds, path):
     height = 0.8 / len(speeds)
     for k, (corpus, rates) in enumerate(speeds.items()):
         y = np.arange(len(names)) + k * height
-        ax.barh(y, [rates[n] / 1e6 for n in names], height, label=corpus)
+        ax.barh(y, [rates.get(n, 0.0) / 1e6 for n in names], height, label=corpus)
     ax.set_yticks(np.arange(len(names)) + height * (len(speeds) - 1) / 2, names)
     ax.invert_yaxis()
     ax.set_xlabel("million tokens per second (best of runs)")
@@ -251,10 +272,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for benchmark.md and benchmark.png")
     parser.add_argument("--rss-run", type=int, metavar="SCALE", help=argparse.SUPPRESS)
+    parser.add_argument("--batch-rows", type=int, default=L.TOKENIZE_BATCH_ROWS, help=argparse.SUPPRESS)
     parser.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_run:
-        return peak_rss_run(args.files, args.rss_run)
+        return peak_rss_run(args.files, args.rss_run, args.batch_rows)
     with tempfile.TemporaryDirectory() as folder:
         corpora = write_corpora(folder)
         speeds = measure_speeds(corpora, args.repeats)
