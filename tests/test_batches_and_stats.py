@@ -94,3 +94,11 @@ def test_measure_throughput_counts_real_tokens():
     assert L.measure_throughput(loader, max_batches=1)["tokens"] == 8
     with pytest.raises(ValueError, match="max_batches"):
         L.measure_throughput(loader, max_batches=0)
+
+
+def test_progress_bars_are_opt_in(capsys):
+    rows = [[1, 2, 3]] * 50
+    L.sample_stats(rows, n_examples=50)
+    assert capsys.readouterr().err == ""  # off by default: nbval-checked cells stay stable
+    L.sample_stats(rows, n_examples=50, progress=True)
+    assert "50/50" in capsys.readouterr().err
