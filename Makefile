@@ -3,7 +3,7 @@
 #                   write the executed notebook with its plot to build/lab2_streaming_lm.html
 #   make test       install into .venv, run the unit tests and nbval on the notebook
 # ONLINE=1 make notebook streams the real WikiText-103 from the Hub instead.
-# make benchmark  measures throughput and memory, writes docs/benchmark.md and docs/benchmark.png (~3 min)
+# make benchmark  measures throughput and memory, writes docs/benchmark.md and docs/benchmark.png (a few minutes)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python

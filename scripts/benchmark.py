@@ -3,7 +3,7 @@
     .venv/bin/python scripts/benchmark.py [--repeats 3] [--out docs]
 
 Writes docs/benchmark.md (the table, with date and machine) and docs/benchmark.png (bar chart);
-takes about 5 minutes on 2 cores.
+takes a few minutes on 2 cores.
 Every figure is the best of `--repeats` runs, all measured in this one process (except peak RSS,
 measured in fresh subprocesses), so the ratios compare like with like on a noisy machine.
 
