@@ -299,8 +299,13 @@ def tokenize_stream(stream, tokenizer, *, separate_documents=True, layout="auto"
 
 
 # ----------------------------------------------------------------------------- 3. group
+def is_int(value):
+    """True for Python and numpy integers, False for bools (which are ints to isinstance)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_block_size(block_size):
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
+    if not is_int(block_size) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
@@ -400,7 +405,7 @@ def resolve_rank(rank=None, world_size=None):
     if rank is None or world_size is None:
         raise ValueError(f"give both rank and world_size or neither, got rank={rank!r}, world_size={world_size!r}")
     for name, value in (("rank", rank), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not is_int(value):
             raise ValueError(f"{name} must be an int, got {value!r}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -605,7 +610,7 @@ def sample_stats(tokenized_stream, n_examples=200, *, progress=False):
     Returns a dict: n_examples, total_tokens, mean, median, p90, min, max, seconds (reading and
     tokenizing included), tokens_per_sec, lengths ((n,) int64 array, one entry per row).
     """
-    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples <= 0:
+    if not is_int(n_examples) or n_examples <= 0:
         raise ValueError(f"n_examples must be a positive int, got {n_examples!r}")
     start = time.perf_counter()
     rows = progress_bar(itertools.islice(tokenized_stream, n_examples), progress, total=n_examples, unit="row")
@@ -652,7 +657,7 @@ def measure_throughput(loader, max_batches=None, *, progress=False):
 
     Returns {"batches", "tokens" (real tokens: attention_mask sum), "seconds", "tokens_per_sec"}.
     """
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches <= 0):
+    if max_batches is not None and (not is_int(max_batches) or max_batches <= 0):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
     batches = tokens = 0
     start = time.perf_counter()
