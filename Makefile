@@ -3,6 +3,7 @@
 #                   write the executed notebook with its plot to build/lab2_streaming_lm.html
 #   make test       install into .venv, run the unit tests and nbval on the notebook
 # ONLINE=1 make notebook streams the real WikiText-103 from the Hub instead.
+#   make lint       ruff check and ruff format --check (CI runs it before the tests)
 # make benchmark  measures throughput and memory, writes docs/benchmark.md and docs/benchmark.png (a few minutes)
 
 VENV ?= .venv
@@ -15,7 +16,7 @@ else
   HF_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 endif
 
-.PHONY: install notebook test benchmark
+.PHONY: install notebook test lint benchmark
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -32,6 +33,10 @@ notebook: install
 
 test: install
 	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 benchmark: install
 	$(PY) scripts/benchmark.py

@@ -14,7 +14,8 @@ Corpora, both streamed from parquet with `datasets` like the real data:
 - "whole book": the whole text as one row (~300k tokens, 1 shard): where a quadratic buffer hurts.
 Pipelines:
 1. the tokenizer alone on the same texts, in memory (HF fast; tiktoken): the limit;
-2. the seed-style pipeline (`SeedStyleDataset`): per-row iteration and tokenization, a Python list
+2. the seed-style pipeline (`streaming_lm.baselines.SeedStyleDataset`): per-row iteration and
+   tokenization, a Python list
    buffer cut with `buffer = buffer[block_size:]`, `torch.tensor` collate;
 3. ours with the default tokenizer (HF GPT2TokenizerFast);
 4. ours with the tiktoken backend;
@@ -41,44 +42,16 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lab2_helpers as L  # noqa: E402
+from streaming_lm import config as C  # noqa: E402
+from streaming_lm.baselines import seed_style_loader  # noqa: E402
 
-ROOT = L.ROOT
-TOKENIZE_ROWS = L.TOKENIZE_BATCH_ROWS  # texts per tokenizer call in the raw measurement, as in the pipeline
+ROOT = C.ROOT
+TOKENIZE_ROWS = C.TOKENIZE_BATCH_ROWS  # texts per tokenizer call in the raw measurement, as in the pipeline
 SCALES = (1, 10, 100)  # the memory check streams each corpus this many times over
 WORKER_REPEAT = 3  # the worker runs stream the corpus 3 times over
 
 
-class SeedStyleDataset(torch.utils.data.IterableDataset):
-    """The seed's pipeline, rebuilt as it is described (do not use: it is the baseline).
-
-    Per-row iteration, one tokenizer call per row, a Python list buffer and
-    `buffer = buffer[block_size:]`, which copies the whole rest of the buffer for every block:
-    quadratic in the length of a document.
-    """
-
-    def __init__(self, stream, tokenizer, block_size=L.BLOCK_SIZE):
-        self.stream, self.tokenizer, self.block_size = stream, tokenizer, block_size
-
-    def __iter__(self):
-        buffer = []
-        for example in self.stream:
-            buffer.extend(self.tokenizer(example["text"])["input_ids"] + [self.tokenizer.eos_token_id])
-            while len(buffer) >= self.block_size:
-                yield {"input_ids": buffer[: self.block_size]}
-                buffer = buffer[self.block_size :]
-
-
-def seed_style_collate(examples):
-    input_ids = torch.tensor([ex["input_ids"] for ex in examples])
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
-
-
-def seed_style_loader(stream, tokenizer, batch_size=L.BATCH_SIZE):
-    """DataLoader over `SeedStyleDataset` (a plain torch DataLoader, as the seed had)."""
-    return torch.utils.data.DataLoader(SeedStyleDataset(stream, tokenizer), batch_size=batch_size, collate_fn=seed_style_collate)
-
-
-def our_loader(stream, tokenizer, num_workers=0, batch_rows=L.TOKENIZE_BATCH_ROWS):
+def our_loader(stream, tokenizer, num_workers=0, batch_rows=C.TOKENIZE_BATCH_ROWS):
     """The lab's pipeline: tokenize_stream -> StreamingLMIterableDataset -> make_dataloader."""
     dataset = L.StreamingLMIterableDataset(L.tokenize_stream(stream, tokenizer, batch_rows=batch_rows))
     return L.make_dataloader(dataset, num_workers=num_workers)
@@ -89,7 +62,7 @@ def write_corpora(folder):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sample = [str(f) for f in sorted(L.SAMPLE_DIR.glob(L.SAMPLE_FILES))]
+    sample = [str(f) for f in sorted(C.SAMPLE_DIR.glob(C.SAMPLE_FILES))]
     corpora = {"wikitext rows": sample, "long documents": [], "whole book": []}
     for k, path in enumerate(sample):
         articles, current = [], []
@@ -111,7 +84,9 @@ def raw_tokenizer_tokens(tokenizer, texts):
     """Tokens of `texts`, encoded TOKENIZE_ROWS at a time with the pipeline's call."""
     total = 0
     for i in range(0, len(texts), TOKENIZE_ROWS):
-        ids = tokenizer(texts[i : i + TOKENIZE_ROWS], add_special_tokens=False, split_special_tokens=True, verbose=False)
+        ids = tokenizer(
+            texts[i : i + TOKENIZE_ROWS], add_special_tokens=False, split_special_tokens=True, verbose=False
+        )
         total += sum(map(len, ids["input_ids"]))
     return total
 
@@ -140,7 +115,11 @@ def measure_speeds(corpora, repeats):
             (corpus, "ours, tiktoken", lambda s=stream: tokens_through(our_loader(s, fast))),
         ]
         with_workers += [
-            (corpus, f"ours, {name}, {n} worker{'s' * (n > 1)}", lambda s=longer, t=tok, n=n: tokens_through(our_loader(s, t, n)))
+            (
+                corpus,
+                f"ours, {name}, {n} worker{'s' * (n > 1)}",
+                lambda s=longer, t=tok, n=n: tokens_through(our_loader(s, t, n)),
+            )
             for name, tok in (("HF", hf), ("tiktoken", fast))
             for n in (1, 2)
             if len(files) > 1  # one shard: a second worker would idle
@@ -184,11 +163,19 @@ def measure_memory(corpora):
     grows until the stream is longer than one batch, then stays flat: the whole book repeated 10
     times is 10 books in one batch, so that corpus also runs with batch_rows=1."""
     memory = {}
-    runs = [(corpus, L.TOKENIZE_BATCH_ROWS) for corpus in corpora] + [("whole book", 1)]
+    runs = [(corpus, C.TOKENIZE_BATCH_ROWS) for corpus in corpora] + [("whole book", 1)]
     for corpus, batch_rows in runs:
         memory[corpus, batch_rows] = {}
         for scale in SCALES:
-            cmd = [sys.executable, __file__, "--rss-run", str(scale), "--batch-rows", str(batch_rows), *corpora[corpus]]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--rss-run",
+                str(scale),
+                "--batch-rows",
+                str(batch_rows),
+                *corpora[corpus],
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
             tokens, before, peak = map(int, out[-3:])
             memory[corpus, batch_rows][scale] = (tokens, before / 1024, peak / 1024)
@@ -196,13 +183,15 @@ def measure_memory(corpora):
 
 
 def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    with open("/proc/cpuinfo") as info:
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "?")
     import datasets
     import tiktoken
     import transformers
 
-    versions = f"torch {torch.__version__}, datasets {datasets.__version__}, transformers {transformers.__version__}, tiktoken {tiktoken.__version__}"
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; {versions}"
+    versions = ", ".join(f"{m.__name__} {m.__version__}" for m in (torch, datasets, transformers, tiktoken))
+    system = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu})"
+    return f"{system}, Python {platform.python_version()}; {versions}"
 
 
 def table(speeds, memory, repeats):
@@ -211,7 +200,8 @@ def table(speeds, memory, repeats):
         f"# Benchmark: {datetime.date.today().isoformat()}",
         "",
         f"Machine: {machine()}.",
-        f"Command: `python scripts/benchmark.py --repeats {repeats}`; best of {repeats} runs, all in one process.",
+        f"Command: `python scripts/benchmark.py --repeats {repeats}`; "
+        f"best of {repeats} runs, all in one process.",
         "",
     ]
     corpora = list(speeds)
@@ -223,18 +213,32 @@ def table(speeds, memory, repeats):
             rate, seed = speeds[c].get(name), speeds[c]["seed-style pipeline (HF)"]
             cells += [f"{rate:,.0f}", f"{rate / seed:.1f}x"] if rate else ["n/a (1 shard)", ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Ours against the tokenizer it uses (1.00 = the pipeline costs nothing beyond tokenizing):", ""]
+    lines += [
+        "",
+        "Ours against the tokenizer it uses (1.00 = the pipeline costs nothing beyond tokenizing):",
+        "",
+    ]
     for c in corpora:
         s = speeds[c]
-        line = f"- {c}: HF {s['ours, HF'] / s['tokenizer alone, HF']:.2f}, tiktoken {s['ours, tiktoken'] / s['tokenizer alone, tiktoken']:.2f}"
+        hf = s["ours, HF"] / s["tokenizer alone, HF"]
+        tk = s["ours, tiktoken"] / s["tokenizer alone, tiktoken"]
+        line = f"- {c}: HF {hf:.2f}, tiktoken {tk:.2f}"
         if "ours, HF, 1 worker" in s:
             line += (
                 f"; 2 workers / 1 worker: HF {s['ours, HF, 2 workers'] / s['ours, HF, 1 worker']:.2f}x, "
                 f"tiktoken {s['ours, tiktoken, 2 workers'] / s['ours, tiktoken, 1 worker']:.2f}x"
             )
         lines.append(line)
-    lines += ["", "Peak memory (RSS, fresh process each) of our pipeline (tiktoken) streaming each corpus 1, 10 and 100 times over:", ""]
-    lines += ["| corpus | batch_rows | RSS before iterating | peak x1 | peak x10 | peak x100 | x1 -> x10 | x10 -> x100 |"]
+    lines += [
+        "",
+        "Peak memory (RSS, fresh process each) of our pipeline (tiktoken) streaming each corpus "
+        "1, 10 and 100 times over:",
+        "",
+    ]
+    lines += [
+        "| corpus | batch_rows | RSS before iterating | peak x1 | peak x10 | peak x100 "
+        "| x1 -> x10 | x10 -> x100 |"
+    ]
     lines += ["|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (c, batch_rows), runs in memory.items():
         (_, before, p1), (_, _, p10), (_, _, p100) = (runs[scale] for scale in SCALES)
@@ -261,7 +265,9 @@ def chart(speeds, path):
     ax.set_yticks(np.arange(len(names)) + height * (len(speeds) - 1) / 2, names)
     ax.invert_yaxis()
     ax.set_xlabel("million tokens per second (best of runs)")
-    ax.set_title(f"Streaming LM pipeline throughput, {datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores")
+    ax.set_title(
+        f"Streaming LM pipeline throughput, {datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores"
+    )
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -270,9 +276,11 @@ def chart(speeds, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for benchmark.md and benchmark.png")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "docs", help="folder for benchmark.md and benchmark.png"
+    )
     parser.add_argument("--rss-run", type=int, metavar="SCALE", help=argparse.SUPPRESS)
-    parser.add_argument("--batch-rows", type=int, default=L.TOKENIZE_BATCH_ROWS, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-rows", type=int, default=C.TOKENIZE_BATCH_ROWS, help=argparse.SUPPRESS)
     parser.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_run:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lab2_helpers as L  # noqa: E402
+from streaming_lm import config as C  # noqa: E402
 
 VOCAB = 50257  # GPT-2 ids are < 50257
 
@@ -35,8 +36,8 @@ def token_histogram(loader):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank")
-    parser.add_argument("--source", default="local", choices=L.SOURCES)
-    parser.add_argument("--backend", default="hf", choices=L.TOKENIZER_BACKENDS)
+    parser.add_argument("--source", default="local", choices=C.SOURCES)
+    parser.add_argument("--backend", default="hf", choices=C.TOKENIZER_BACKENDS)
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -53,7 +54,9 @@ def main():
 
     ok = True
     if rank == 0:
-        reference, _ = token_histogram(L.make_dataloader(L.StreamingLMIterableDataset(tokens, pad_last=True, rank=0, world_size=1)))
+        reference, _ = token_histogram(
+            L.make_dataloader(L.StreamingLMIterableDataset(tokens, pad_last=True, rank=0, world_size=1))
+        )
         for r, (n_tokens, n_batches) in enumerate(t.tolist() for t in per_rank):
             print(f"rank {r}: {n_tokens:,} tokens in {n_batches} batches ({args.num_workers} workers)")
         lost = int((reference - total).clamp(min=0).sum())

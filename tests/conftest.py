@@ -4,6 +4,7 @@ import datasets
 import pytest
 
 import lab2_helpers as L
+from streaming_lm import config as C
 
 # Two tiny articles in the Hub's WikiText row layout, with a section and blank rows.
 WIKI_ROWS = [
@@ -43,5 +44,5 @@ def sample_rows():
     """All rows of the bundled sample, in order, read with pyarrow (independently of the helpers)."""
     import pyarrow.parquet as pq
 
-    files = sorted(L.SAMPLE_DIR.glob(L.SAMPLE_FILES))
+    files = sorted(C.SAMPLE_DIR.glob(C.SAMPLE_FILES))
     return [row for f in files for row in pq.read_table(f)["text"].to_pylist()]

@@ -25,7 +25,10 @@ def test_collate_stacks_blocks_and_masks_padding_in_labels():
 
 def test_collate_accepts_tensors_and_missing_masks():
     batch = L.collate_fn([{"input_ids": torch.tensor([1, 2])}, {"input_ids": torch.tensor([3, 4])}])
-    assert batch["attention_mask"].tolist() == [[1, 1], [1, 1]] and batch["labels"].tolist() == [[1, 2], [3, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [1, 1]] and batch["labels"].tolist() == [
+        [1, 2],
+        [3, 4],
+    ]
 
 
 def test_collate_refuses_ragged_or_empty_batches():
@@ -49,7 +52,9 @@ def test_bundled_sample_token_accounting(tokenizer, sample_rows):
     lines = [r for r in sample_rows if r]
     expected = [t for ids in tokenizer(lines, add_special_tokens=False)["input_ids"] for t in ids]
     assert EOS not in expected
-    dataset = L.StreamingLMIterableDataset(L.tokenize_stream(L.load_text_stream("local"), tokenizer), pad_last=True)
+    dataset = L.StreamingLMIterableDataset(
+        L.tokenize_stream(L.load_text_stream("local"), tokenizer), pad_last=True
+    )
     batches = list(L.make_dataloader(dataset))
     real = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches]).tolist()
     assert [t for t in real if t != EOS] == expected  # in order, nothing lost, nothing twice

@@ -1,6 +1,6 @@
 """Step 4: the IterableDataset, exactly once across workers, ranks and resumes (token accounting).
 
-Most tests stream unique token ids (row r holds ids r*1000, r*1000+1, ...), so a token seen twice
+Most tests stream unique token ids (row r holds ids r*500, r*500+1, ...), so a token seen twice
 or never is caught by comparing sorted lists, not by eye.
 """
 
@@ -8,9 +8,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import WIKI_ROWS, text_stream
 
 import lab2_helpers as L
+from conftest import WIKI_ROWS, text_stream
 
 BLOCK = 16
 # 3 workers on a 2-core machine is on purpose here (more workers than cores or shards must stay exact)
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:User
 def unique_token_stream(n_rows=60, num_shards=6, seed=0):
     """A tokenized stream of `n_rows` rows of 0-40 unique ids each, in `num_shards` shards."""
     lengths = np.random.default_rng(seed).integers(0, 41, size=n_rows)
-    rows = [list(range(r * 1000, r * 1000 + n)) for r, n in enumerate(lengths)]
+    rows = [list(range(r * 500, r * 500 + n)) for r, n in enumerate(lengths)]
     return datasets.Dataset.from_dict({"input_ids": rows}).to_iterable_dataset(num_shards=num_shards), rows
 
 
@@ -54,19 +54,9 @@ def test_without_padding_workers_lose_only_their_own_tail(num_workers):
     assert len(all_tokens(rows)) - len(got) < num_workers * BLOCK  # < one block per part
 
 
-class NaiveDataset(torch.utils.data.IterableDataset):
-    """The classic bug: every worker replays the whole stream."""
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __iter__(self):
-        return L.group_texts_streaming(self.rows, BLOCK, pad_last=True)
-
-
 def test_two_workers_do_not_duplicate_data_unlike_a_naive_wrapper():
     stream, rows = unique_token_stream()
-    naive = real_tokens(batches_of(NaiveDataset(rows), num_workers=2))
+    naive = real_tokens(batches_of(L.NaiveDataset(rows, BLOCK), num_workers=2))
     assert len(naive) == 2 * len(all_tokens(rows))  # the accounting catches the duplicate-data bug
     ours = real_tokens(batches_of(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), num_workers=2))
     assert ours == all_tokens(rows)
@@ -74,7 +64,9 @@ def test_two_workers_do_not_duplicate_data_unlike_a_naive_wrapper():
 
 def test_workers_share_the_shards():
     stream, rows = unique_token_stream()
-    loader = L.make_dataloader(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), batch_size=4, num_workers=2)
+    loader = L.make_dataloader(
+        L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), batch_size=4, num_workers=2
+    )
     batches = list(loader)
     parts = L.progress_by_part(loader.state_dict())
     assert [p["worker"] for p in parts] == [0, 1]
@@ -92,7 +84,12 @@ def test_more_workers_than_shards_stay_exactly_once():
 def test_ranks_read_disjoint_parts_that_cover_the_stream(world_size, num_workers):
     stream, rows = unique_token_stream()  # 6 shards: by shard for 2 and 3 ranks, by row for 4
     per_rank = [
-        real_tokens(batches_of(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True, rank=r, world_size=world_size), num_workers))
+        real_tokens(
+            batches_of(
+                L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True, rank=r, world_size=world_size),
+                num_workers,
+            )
+        )
         for r in range(world_size)
     ]
     assert all(per_rank)  # no rank is empty
@@ -102,7 +99,9 @@ def test_ranks_read_disjoint_parts_that_cover_the_stream(world_size, num_workers
 def test_plain_iterables_are_split_by_row_over_ranks_and_workers():
     _, rows = unique_token_stream()
     per_rank = [
-        real_tokens(batches_of(L.StreamingLMIterableDataset(rows, BLOCK, pad_last=True, rank=r, world_size=2), 2))
+        real_tokens(
+            batches_of(L.StreamingLMIterableDataset(rows, BLOCK, pad_last=True, rank=r, world_size=2), 2)
+        )
         for r in range(2)
     ]
     assert all(per_rank) and sorted(per_rank[0] + per_rank[1]) == all_tokens(rows)
@@ -113,7 +112,12 @@ def test_ranks_of_the_bundled_sample_are_never_empty(tokenizer):
     total = sum(len(r["input_ids"]) for r in tokens)
     for world_size in (2, 3):
         counts = [
-            sum(len(r["input_ids"]) for r in L.StreamingLMIterableDataset(tokens, rank=r, world_size=world_size, pad_last=True).stream)
+            sum(
+                len(r["input_ids"])
+                for r in L.StreamingLMIterableDataset(
+                    tokens, rank=r, world_size=world_size, pad_last=True
+                ).stream
+            )
             for r in range(world_size)
         ]
         assert min(counts) > 0 and sum(counts) == total
@@ -140,7 +144,9 @@ def test_rank_and_world_size_come_from_torch_distributed(tmp_path):
 # ----------------------------------------------------------------------------- resume
 def text_dataset(tokenizer, **kwargs):
     rows = WIKI_ROWS * 8 + [f"Document number {i} has some words." for i in range(40)]
-    return L.StreamingLMIterableDataset(L.tokenize_stream(text_stream(rows, num_shards=4), tokenizer), BLOCK, pad_last=True, **kwargs)
+    return L.StreamingLMIterableDataset(
+        L.tokenize_stream(text_stream(rows, num_shards=4), tokenizer), BLOCK, pad_last=True, **kwargs
+    )
 
 
 def assert_same_batches(got, expected):
@@ -247,9 +253,13 @@ def test_resume_is_exact_between_worker_snapshots(tokenizer):
     """With snapshot_every_n_steps=4, torchdata replays from the last snapshot: still exact."""
     full = list(L.make_dataloader(text_dataset(tokenizer), batch_size=4, num_workers=2))
     for k in (1, 5, 7):
-        loader = L.make_dataloader(text_dataset(tokenizer), batch_size=4, num_workers=2, snapshot_every_n_steps=4)
+        loader = L.make_dataloader(
+            text_dataset(tokenizer), batch_size=4, num_workers=2, snapshot_every_n_steps=4
+        )
         it = iter(loader)
         head = [next(it) for _ in range(k)]
-        fresh = L.make_dataloader(text_dataset(tokenizer), batch_size=4, num_workers=2, snapshot_every_n_steps=4)
+        fresh = L.make_dataloader(
+            text_dataset(tokenizer), batch_size=4, num_workers=2, snapshot_every_n_steps=4
+        )
         fresh.load_state_dict(loader.state_dict())
         assert_same_batches(head + list(fresh), full)

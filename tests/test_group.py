@@ -7,6 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lab2_helpers as L
+from streaming_lm.packing import RollingBuffer
+
+PAD = 10**6  # a pad id no generated token can take (the tests pass vocab_size=PAD + 1)
 
 
 def real_tokens(blocks):
@@ -36,7 +39,7 @@ def test_a_stream_that_fills_blocks_exactly_has_no_padded_block():
 
 
 def test_dropped_tail_is_counted_and_logged(caplog):
-    packer = L.RollingBuffer(block_size=4)
+    packer = RollingBuffer(block_size=4)
     with caplog.at_level("INFO", logger="lab2_helpers"):
         blocks = list(packer.pack([[1, 2, 3], [4, 5, 6]]))
     assert len(blocks) == 1 and packer.dropped == 2
@@ -73,12 +76,12 @@ def test_carry_is_the_read_but_unemitted_tokens():
             read.append(row)
             yield row
 
-    packer = L.RollingBuffer(block_size=16)
+    packer = RollingBuffer(block_size=16)
     emitted = []
     for block in packer.pack(reading()):
         emitted += block["input_ids"].tolist()
         assert emitted + packer.carry().tolist() == [t for row in read for t in row]
-    resumed = L.RollingBuffer(block_size=4, carry=[5, 6]).pack([[7, 8]])
+    resumed = RollingBuffer(block_size=4, carry=[5, 6]).pack([[7, 8]])
     assert next(resumed)["input_ids"].tolist() == [5, 6, 7, 8]
 
 
@@ -91,10 +94,14 @@ def test_carry_is_the_read_but_unemitted_tokens():
 def test_every_token_lands_in_exactly_one_block_in_order(lengths, block_size, pad_last):
     tokens = np.arange(sum(lengths))
     docs = np.split(tokens, np.cumsum(lengths)[:-1]) if lengths else []
-    blocks = list(L.group_texts_streaming([d.tolist() for d in docs], block_size, pad_last=pad_last, pad_token_id=-1))
+    blocks = list(
+        L.group_texts_streaming(
+            [d.tolist() for d in docs], block_size, pad_last=pad_last, pad_token_id=PAD, vocab_size=PAD + 1
+        )
+    )
     assert all(len(b["input_ids"]) == len(b["attention_mask"]) == block_size for b in blocks)
     kept = len(tokens) if pad_last else len(tokens) // block_size * block_size
     assert real_tokens(blocks) == tokens[:kept].tolist()
     padded = [b for b in blocks if not b["attention_mask"].all()]
     assert len(padded) == (1 if pad_last and len(tokens) % block_size else 0)
-    assert all((b["input_ids"][b["attention_mask"] == 0] == -1).all() for b in padded)
+    assert all((b["input_ids"][b["attention_mask"] == 0] == PAD).all() for b in padded)

@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import lab2_helpers as L
+from streaming_lm import config as C
+from streaming_lm import source
 
 
 def test_bundled_sample_has_the_wikitext_row_layout(sample_rows):
@@ -31,10 +33,17 @@ def test_bundled_sample_has_the_wikitext_row_layout(sample_rows):
 
 
 def test_bundled_sample_is_rebuilt_identically_by_its_script(tmp_path, sample_rows):
-    source = L.ROOT.parent / "shared" / "corpus" / "moby_dick.jsonl"
+    source = C.ROOT.parent / "shared" / "corpus" / "moby_dick.jsonl"
     if not source.exists():
         pytest.skip(f"{source} (the sample's source text) is not on this machine")
-    cmd = [sys.executable, str(L.ROOT / "scripts" / "build_sample.py"), "--source", str(source), "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(C.ROOT / "scripts" / "build_sample.py"),
+        "--source",
+        str(source),
+        "--out",
+        str(tmp_path),
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     rebuilt = [r for f in sorted(tmp_path.glob("*.parquet")) for r in pq.read_table(f)["text"].to_pylist()]
     assert rebuilt == sample_rows
@@ -92,14 +101,16 @@ def test_local_file_without_text_column_is_refused_naming_the_columns(tmp_path):
 def test_bad_source_and_split_are_refused():
     with pytest.raises(ValueError, match="auto"):
         L.load_text_stream("s3")
-    with pytest.raises(ValueError, match="only the 'train' split"):
+    with pytest.raises(ValueError, match=r"splits \['train'\], got split='validation'"):
         L.load_text_stream("local", split="validation")
 
 
 def test_offline_environment_chooses_local_without_probing(monkeypatch):
-    monkeypatch.setattr(L.urllib.request, "urlopen", lambda *a, **k: pytest.fail("probed the Hub while offline"))
-    assert L.hub_is_reachable() is False
-    assert L.choose_source("auto") == "local"
+    monkeypatch.setattr(
+        source.urllib.request, "urlopen", lambda *a, **k: pytest.fail("probed the Hub while offline")
+    )
+    assert source.hub_is_reachable() is False
+    assert source.choose_source("auto") == ("local", "auto fell back: HF_HUB_OFFLINE is set")
     assert L.load_text_stream("auto").info.description.startswith("local:")
 
 
@@ -126,7 +137,7 @@ def test_hub_probe_asks_the_configured_endpoint(monkeypatch, status, reachable):
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     try:
-        assert L.hub_is_reachable(timeout=5) is reachable
+        assert source.hub_is_reachable(timeout=5) is reachable
     finally:
         server.shutdown()
 
@@ -137,4 +148,4 @@ def test_hub_probe_is_false_when_nothing_listens(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
-    assert L.hub_is_reachable(timeout=2) is False
+    assert source.hub_is_reachable(timeout=2) is False

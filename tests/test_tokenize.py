@@ -5,9 +5,9 @@ import warnings
 import datasets
 import numpy as np
 import pytest
-from conftest import WIKI_ROWS, text_stream
 
 import lab2_helpers as L
+from conftest import WIKI_ROWS, text_stream
 
 EOS = L.EOS_TOKEN_ID
 TRICKY = [
@@ -62,7 +62,7 @@ def test_tokenizer_backend_choices_are_checked():
 
 
 def test_wikitext_articles_get_one_eos_each_and_blank_rows_are_skipped(tokenizer):
-    rows = list(L.tokenize_stream(text_stream(WIKI_ROWS), tokenizer))
+    rows = list(L.tokenize_stream(text_stream(WIKI_ROWS), tokenizer, layout="wikitext"))
     lines = [r for r in WIKI_ROWS if r]
     assert len(rows) == len(lines)  # blank rows produce nothing
     for text, row in zip(lines, rows):
@@ -99,10 +99,15 @@ def test_literal_endoftext_in_text_is_ordinary_text(tokenizer, fast_tokenizer):
         assert ids(row).count(EOS) == 1 and ids(row)[0] == EOS  # only the separator
 
 
-def test_none_and_empty_text_are_skipped_and_nothing_else_is_lost(tokenizer):
+def test_rows_without_text_become_empty_rows_that_the_packer_reports(tokenizer, caplog):
     stream = text_stream(["alpha", None, "", "beta", None])
     rows = list(L.tokenize_stream(stream, tokenizer, separate_documents=False))
-    assert [tokenizer.decode(r["input_ids"]) for r in rows] == ["alpha", "beta"]
+    assert [tokenizer.decode(r["input_ids"]) for r in rows] == ["alpha", "", "", "beta", ""]
+    with caplog.at_level("WARNING"):
+        blocks = list(L.group_texts_streaming(rows, block_size=1))
+    assert [tokenizer.decode(b["input_ids"]) for b in blocks] == ["alpha", "beta"]
+    (message,) = [r.getMessage() for r in caplog.records if "no text" in r.getMessage()]
+    assert "3 of 5 rows had no text" in message and "the first is row 1" in message
 
 
 def test_non_string_text_names_the_row_and_column(tokenizer):
@@ -121,7 +126,7 @@ def test_stream_without_text_column_is_refused_naming_the_columns(tokenizer):
     unknown = datasets.IterableDataset.from_generator(lambda: iter([{"body": "x"}]))
     assert unknown.column_names is None
     with pytest.raises(ValueError, match=r"no 'text' column.*\['body'\]"):
-        L.tokenize_stream(unknown, tokenizer)
+        list(L.tokenize_stream(unknown, tokenizer))  # columns unknown until a row is read
     with pytest.raises(TypeError, match="IterableDataset"):
         L.tokenize_stream([{"text": "x"}], tokenizer)
 
@@ -133,7 +138,7 @@ def test_rows_are_compact_int32_arrays(tokenizer):
 
 def test_other_columns_are_dropped_with_blank_rows(tokenizer):
     stream = datasets.Dataset.from_dict({"text": ["a", "", "b"], "id": [0, 1, 2]}).to_iterable_dataset()
-    rows = list(L.tokenize_stream(stream, tokenizer))
+    rows = list(L.tokenize_stream(stream, tokenizer, layout="wikitext"))
     assert [list(r) for r in rows] == [["input_ids"], ["input_ids"]]
 
 
@@ -142,7 +147,9 @@ def test_tokenizing_is_lazy(tokenizer):
         raise AssertionError("read a row before iteration")
         yield  # a generator function
 
-    stream = datasets.IterableDataset.from_generator(gen, features=datasets.Features({"text": datasets.Value("string")}))
+    stream = datasets.IterableDataset.from_generator(
+        gen, features=datasets.Features({"text": datasets.Value("string")})
+    )
     L.tokenize_stream(stream, tokenizer)  # builds the pipeline without reading
 
 

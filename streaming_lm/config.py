@@ -1,0 +1,34 @@
+"""Constants of the pipeline, in one place, with their units."""
+
+from pathlib import Path
+
+BLOCK_SIZE = 256  # tokens per training example
+BATCH_SIZE = 8  # examples per batch
+MAX_BLOCK_SIZE = 1_048_576  # tokens: larger blocks are refused (2**31 would try to allocate 16 GiB)
+
+DATASET_NAME = "wikitext"  # Hub id (canonical: Salesforce/wikitext, train split = 2 parquet files)
+DATASET_CONFIG = "wikitext-103-v1"
+DATASET_SPLIT = "train"
+TEXT_COLUMN = "text"
+
+EOS_TOKEN_ID = 50256  # GPT-2 <|endoftext|>: document separator and padding id
+GPT2_VOCAB_SIZE = 50257  # ids 0..50256
+IGNORE_INDEX = -100  # label of padding: ignored by torch.nn.functional.cross_entropy
+
+TOKENIZE_BATCH_ROWS = 1000  # rows per batch of the lazy map (256: 10-20 % slower on WikiText rows)
+TOKENIZE_CHARS = 1_000_000  # characters per tokenizer call at most (one longer text goes alone)
+FILL_BLOCKS = 8  # the packer joins rows once per 8 blocks' worth of tokens: few numpy calls, small carry
+PREFETCH_BATCHES = 16  # batches queued per DataLoader worker (torch's default: 2)
+HUB_PROBE_SECONDS = 5.0  # seconds: give up on the Hub after this long (datasets alone retries ~25 s)
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+DATA_DIR = ROOT / "data"
+TOKENIZER_DIR = DATA_DIR / "gpt2_tokenizer"  # vocab.json + merges.txt, byte-identical to the Hub's gpt2
+SAMPLE_DIR = DATA_DIR / "wikitext_sample"  # Moby-Dick in WikiText layout, parquet shards
+SAMPLE_FILES = "train-*.parquet"
+
+SOURCES = ("auto", "hub", "local")
+LAYOUTS = ("auto", "wikitext", "rows")
+TOKENIZER_BACKENDS = ("hf", "tiktoken")
+LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+OFFLINE_VALUES = {"1", "true", "yes", "on"}

@@ -1,0 +1,95 @@
+"""Measuring the pipeline: token-length statistics, their histogram, and throughput.
+
+Helpers return values; the notebook prints and plots them.
+"""
+
+import itertools
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from .checks import check_positive_int
+from .packing import token_ids
+
+
+def progress_bar(iterable: Iterable[Any], enabled: bool, **kwargs: Any) -> Iterable[Any]:
+    """tqdm around `iterable` when `enabled` (off by default: the notebook's outputs stay stable)."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def sample_stats(
+    tokenized_stream: Iterable[Any], n_examples: int = 200, *, progress: bool = False
+) -> dict[str, Any]:
+    """Token-length statistics of the first `n_examples` rows of a tokenized stream.
+
+    Returns a dict: n_examples, total_tokens, mean, median, p90, min, max, seconds (reading and
+    tokenizing included), tokens_per_sec, lengths ((n,) int64 array, one entry per row).
+    """
+    n_examples = check_positive_int("n_examples", n_examples)
+    start = time.perf_counter()
+    rows = progress_bar(
+        itertools.islice(tokenized_stream, n_examples), progress, total=n_examples, unit="row"
+    )
+    lengths = np.array([len(token_ids(row, i)) for i, row in enumerate(rows)], dtype=np.int64)
+    seconds = time.perf_counter() - start
+    if len(lengths) == 0:
+        raise ValueError("the tokenized stream is empty: no lengths to describe")
+    total = int(lengths.sum())
+    return {
+        "n_examples": len(lengths),
+        "total_tokens": total,
+        "mean": float(lengths.mean()),
+        "median": float(np.median(lengths)),
+        "p90": float(np.percentile(lengths, 90)),
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
+        "seconds": seconds,
+        "tokens_per_sec": total / seconds if seconds > 0 else float("inf"),
+        "lengths": lengths,
+    }
+
+
+def plot_token_lengths(lengths: Any, ax: Any = None) -> Any:
+    """Histogram of tokens per document (row) with mean and median marked; returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    lengths = np.asarray(lengths)
+    if lengths.size == 0:
+        raise ValueError("plot_token_lengths needs at least one length")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(lengths, bins=min(50, max(1, np.unique(lengths).size)), color="steelblue", alpha=0.8)
+    ax.axvline(lengths.mean(), color="crimson", linestyle="--", label=f"mean {lengths.mean():.1f}")
+    ax.axvline(np.median(lengths), color="black", linestyle=":", label=f"median {np.median(lengths):.0f}")
+    ax.set_xlabel("tokens per document (one stream row)")
+    ax.set_ylabel("number of rows")
+    ax.set_title(f"GPT-2 token lengths of {lengths.size} rows")
+    ax.legend()
+    return ax
+
+
+def measure_throughput(
+    loader: Iterable[Any], max_batches: int | None = None, *, progress: bool = False
+) -> dict[str, Any]:
+    """Iterate `loader` (at most `max_batches`) and time it.
+
+    Returns {"batches", "tokens" (real tokens: attention_mask sum), "seconds", "tokens_per_sec"}.
+    """
+    if max_batches is not None:
+        max_batches = check_positive_int("max_batches", max_batches)
+    batches = tokens = 0
+    start = time.perf_counter()
+    for batch in progress_bar(
+        itertools.islice(loader, max_batches), progress, total=max_batches, unit="batch"
+    ):
+        batches += 1
+        tokens += int(batch["attention_mask"].sum())
+    seconds = time.perf_counter() - start
+    rate = tokens / seconds if seconds else 0.0
+    return {"batches": batches, "tokens": tokens, "seconds": seconds, "tokens_per_sec": rate}

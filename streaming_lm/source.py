@@ -1,0 +1,164 @@
+"""Step 1, the source: a lazy stream of text rows from the Hugging Face Hub or from local files.
+
+    stream = load_text_stream("auto")   # WikiText-103 from the Hub if it answers within 5 s, else the sample
+
+"auto" never waits on a dead network for long: the probe runs in a daemon thread and gives up after
+HUB_PROBE_SECONDS. Asking for the Hub explicitly ("hub") fails within those seconds when it cannot
+be reached, instead of silently reading something else.
+"""
+
+import glob
+import logging
+import os
+import threading
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+
+from .checks import check_choice
+from .config import (
+    DATASET_CONFIG,
+    DATASET_NAME,
+    DATASET_SPLIT,
+    HUB_PROBE_SECONDS,
+    LOCAL_BUILDERS,
+    OFFLINE_VALUES,
+    ROOT,
+    SAMPLE_DIR,
+    SOURCES,
+    TEXT_COLUMN,
+)
+
+logger = logging.getLogger(__name__)
+
+DataFiles = str | Path | Sequence[str | Path]
+
+
+def offline_switch() -> str | None:
+    """The name of the offline variable that is set (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE), or None."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").lower() in OFFLINE_VALUES:
+            return name
+    return None
+
+
+def hub_status(timeout: float = HUB_PROBE_SECONDS) -> tuple[bool, str]:
+    """(reachable, why): whether the Hub answers for the WikiText dataset within `timeout` seconds.
+
+    Not reachable at once when an offline switch is set. The request runs in a daemon thread, so
+    even a hanging DNS lookup cannot hold the caller longer than `timeout`.
+    """
+    switch = offline_switch()
+    if switch:
+        return False, f"{switch} is set"
+    from huggingface_hub import constants
+
+    url = f"{constants.ENDPOINT}/api/datasets/{DATASET_NAME}"
+    answers: list[tuple[bool, str]] = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                answers.append((response.status == 200, f"{url} answered {response.status}"))
+        except OSError as err:  # URLError, HTTPError, timeouts, refused connections
+            answers.append((False, f"{url}: {err}"))
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answers[0] if answers else (False, f"{url} did not answer within {timeout:g} s")
+
+
+def hub_is_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """True if the Hub answers for the WikiText dataset within `timeout` seconds (see `hub_status`)."""
+    return hub_status(timeout)[0]
+
+
+def choose_source(source: str = "auto") -> tuple[str, str]:
+    """(source, why): `source` resolved to "hub" or "local".
+
+    "auto" probes the Hub (<= 5 s) and falls back to "local", saying why at WARNING. "hub" raises
+    ConnectionError within those seconds if the Hub cannot be reached.
+    """
+    check_choice("source", source, SOURCES)
+    if source == "local":
+        return "local", "asked for"
+    reachable, why = hub_status()
+    if source == "hub" and not reachable:
+        raise ConnectionError(
+            f"source='hub' but the Hub cannot be reached ({why}); use source='local' or 'auto'"
+        )
+    if not reachable:
+        logger.warning("auto: the Hub is not reachable (%s): streaming the bundled sample instead", why)
+        return "local", f"auto fell back: {why}"
+    return "hub", "asked for" if source == "hub" else "auto: the Hub answered"
+
+
+def _expand(pattern: str) -> list[Path]:
+    """The files a path or glob pattern names; FileNotFoundError / IsADirectoryError naming it."""
+    paths = sorted(map(Path, glob.glob(pattern))) if glob.has_magic(pattern) else [Path(pattern)]
+    if not paths:
+        raise FileNotFoundError(f"data file not found: no file matches {pattern}")
+    for path in paths:
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"data file {path} is a directory: name its files (e.g. {path}/*.parquet)"
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+    return paths
+
+
+def local_data_files(
+    data_files: DataFiles | None = None, split: str = DATASET_SPLIT
+) -> tuple[str, list[str]]:
+    """(builder, paths): the bundled sample's parquet files of `split`, or the user's files checked.
+
+    builder is the `datasets` builder for the files' type: "text", "json" or "parquet".
+    """
+    if data_files is None:
+        files = sorted(SAMPLE_DIR.glob(f"{split}-*.parquet"))
+        if not files:
+            splits = sorted({f.name.split("-")[0] for f in SAMPLE_DIR.glob("*.parquet")})
+            raise ValueError(f"the bundled sample has the splits {splits}, got split={split!r}")
+        return "parquet", [str(f) for f in files]
+    patterns = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
+    files = [str(path) for pattern in map(str, patterns) for path in _expand(pattern)]
+    suffixes = sorted({Path(f).suffix.lower() for f in files})
+    builders = {LOCAL_BUILDERS.get(s) for s in suffixes}
+    if None in builders or len(builders) != 1:
+        raise ValueError(f"data_files must all be one of {sorted(LOCAL_BUILDERS)}, got suffixes {suffixes}")
+    return builders.pop(), files
+
+
+def load_text_stream(
+    source: str = "auto", *, data_files: DataFiles | None = None, split: str = DATASET_SPLIT
+) -> datasets.IterableDataset:
+    """Step 1: a lazy `datasets.IterableDataset` of rows with a `text` column.
+
+    source: "hub" streams wikitext-103-v1 from the Hugging Face Hub; "local" streams the bundled
+    sample (or `data_files`: .txt one row per line with its "\\n" kept, .json/.jsonl/.parquet with
+    a `text` field); "auto" picks the Hub when it answers within 5 s, else local.
+    The choice and why are in `stream.info.description` (e.g. "local: data/wikitext_sample, 2 files").
+    """
+    if data_files is not None and source == "auto":
+        source, why = "local", "data_files given"
+    else:
+        source, why = choose_source(source)
+    if source == "hub":
+        stream = datasets.load_dataset(DATASET_NAME, DATASET_CONFIG, split=split, streaming=True)
+        stream.info.description = f"hub: {DATASET_NAME}/{DATASET_CONFIG} ({split})"
+        return stream
+    builder, files = local_data_files(data_files, split)
+    options = {"keep_linebreaks": True} if builder == "text" else {}  # WikiText rows keep their "\n"
+    stream = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True, **options)
+    if stream.column_names is not None and TEXT_COLUMN not in stream.column_names:
+        raise ValueError(f"no {TEXT_COLUMN!r} column in {files[0]}; its columns are {stream.column_names}")
+    if data_files is None:  # laid out like wikitext-103-v1: tokenize_stream's "auto" layout reads this
+        stream.info.config_name = DATASET_CONFIG
+    where = os.path.relpath(SAMPLE_DIR, ROOT) if data_files is None else ", ".join(files[:3])
+    note = "" if why in ("asked for", "data_files given") else f" ({why})"
+    stream.info.description = f"local: {where}, {len(files)} file{'s' * (len(files) > 1)}{note}"
+    return stream
