@@ -1,9 +1,15 @@
-"""Build the bundled offline sample: Moby-Dick in the WikiText-103 row layout.
+"""Build the bundled offline sample: Moby-Dick in the WikiText-103 row layout and the Hub's file layout.
 
-    python scripts/build_sample.py [--source ../shared/corpus/moby_dick.jsonl]
+    python scripts/build_sample.py [--source data/source/moby_dick.jsonl] [--out data/wikitext_sample]
 
-Reads one JSON object per chapter (`id`, `chapter`, `title`, `text`, paragraphs
-separated by a blank line) and writes `data/wikitext_sample/train-0000K-of-00006.parquet`:
+Reads one JSON object per chapter (`id`, `chapter`, `title`, `text`, paragraphs separated by a
+blank line) and writes, like the Hub's `Salesforce/wikitext` repository:
+
+    data/wikitext_sample/wikitext-103-v1/train-00000-of-00002.parquet   126 articles in 2 files
+    data/wikitext_sample/wikitext-103-v1/train-00001-of-00002.parquet
+    data/wikitext_sample/wikitext-103-v1/validation-00000-of-00001.parquet   6 held-out articles
+    data/wikitext_sample/wikitext-103-v1/test-00000-of-00001.parquet         6 held-out articles
+
 a single `text` column whose rows look like the Hub's `wikitext-103-v1` rows:
 
     ''                                      <- blank rows are empty strings
@@ -12,12 +18,11 @@ a single `text` column whose rows look like the Hub's `wikitext-103-v1` rows:
     ' Call me Ishmael . ... \\n'              <- one row per line, trailing "\\n" kept
     ' = = Book I ( Folio ) = = \\n'           <- sections (only where the book has them)
 
-One article per chapter: 138 articles, 3,025 rows (2,743 not blank), 299,543 GPT-2 tokens
-with one EOS per article.
-The articles are split, in reading order, into 6 parquet files of about equal
-size: 6 shards let 1, 2, 3 or 6 DataLoader workers / ranks share the work.
-The text is public domain (see data/wikitext_sample/README.md); running the
-script twice writes the same rows.
+One article per chapter (138). Validation and test hold out every 23rd article (like WikiText's
+splits: whole articles, never seen in training). Each parquet row group holds ARTICLES_PER_GROUP
+whole articles, so `datasets`' `reshard()` gives 32 train pieces from 2 files: enough for 8
+DataLoader workers or ranks. The text is public domain (data/source/README.md); running the script
+twice writes the same rows.
 """
 
 import argparse
@@ -29,9 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = ROOT.parent / "shared" / "corpus" / "moby_dick.jsonl"
+DEFAULT_SOURCE = ROOT / "data" / "source" / "moby_dick.jsonl"
 OUT_DIR = ROOT / "data" / "wikitext_sample"
-N_SHARDS = 6  # parquet files; divisible by 1, 2, 3 and 6 workers/ranks
+CONFIG = "wikitext-103-v1"  # the Hub's folder name
+TRAIN_FILES = 2  # parquet files of the train split, as on the Hub
+ARTICLES_PER_GROUP = 4  # whole articles per parquet row group (the pieces ranks and workers get)
+HELD_OUT_EVERY = 23  # every 23rd article goes to validation (from 11) and test (from 22): 6 each
 
 # Chapter 32 ("Cetology") is the one chapter with real sub-divisions.
 SECTION_RE = re.compile(r"^(BOOK [IVX]+\. \(\w+\))")
@@ -82,21 +90,43 @@ def split_articles(articles, n_shards):
     return shards
 
 
+def split_of(index):
+    """"validation", "test" or "train" for the article at `index` (reading order)."""
+    if index % HELD_OUT_EVERY == 11:
+        return "validation"
+    if index % HELD_OUT_EVERY == 22:
+        return "test"
+    return "train"
+
+
+def write_parquet(path, articles, per_group):
+    """One parquet file, a row group per `per_group` whole articles."""
+    schema = pa.schema([("text", pa.string())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for i in range(0, len(articles), per_group):
+            rows = [row for article in articles[i : i + per_group] for row in article]
+            writer.write_table(pa.table({"text": pa.array(rows, pa.string())}, schema=schema))
+    n_rows = sum(len(a) for a in articles)
+    print(f"{path}: {len(articles)} articles, {n_rows} rows, {-(-len(articles) // per_group)} row groups")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args()
     chapters = [json.loads(line) for line in args.source.read_text(encoding="utf-8").splitlines()]
-    articles = [article_rows(ch) for ch in chapters]
-    args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.glob("train-*.parquet"):
+    splits = {"train": [], "validation": [], "test": []}
+    for index, chapter in enumerate(chapters):
+        splits[split_of(index)].append(article_rows(chapter))
+    folder = args.out / CONFIG
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.parquet"):
         old.unlink()
-    for k, shard in enumerate(split_articles(articles, N_SHARDS)):
-        rows = [row for article in shard for row in article]
-        path = args.out / f"train-{k:05d}-of-{N_SHARDS:05d}.parquet"
-        pq.write_table(pa.table({"text": pa.array(rows, pa.string())}), path)
-        print(f"{path}: {len(shard)} articles, {len(rows)} rows")
+    for k, articles in enumerate(split_articles(splits["train"], TRAIN_FILES)):
+        write_parquet(folder / f"train-{k:05d}-of-{TRAIN_FILES:05d}.parquet", articles, ARTICLES_PER_GROUP)
+    for split in ("validation", "test"):
+        write_parquet(folder / f"{split}-00000-of-00001.parquet", splits[split], 2)
 
 
 if __name__ == "__main__":

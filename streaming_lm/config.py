@@ -24,8 +24,8 @@ HUB_PROBE_SECONDS = 5.0  # seconds: give up on the Hub after this long (datasets
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATA_DIR = ROOT / "data"
 TOKENIZER_DIR = DATA_DIR / "gpt2_tokenizer"  # vocab.json + merges.txt, byte-identical to the Hub's gpt2
-SAMPLE_DIR = DATA_DIR / "wikitext_sample"  # Moby-Dick in WikiText layout, parquet shards
-SAMPLE_FILES = "train-*.parquet"
+SAMPLE_DIR = DATA_DIR / "wikitext_sample"  # Moby-Dick laid out like the Hub's Salesforce/wikitext
+SAMPLE_FILES = "wikitext-103-v1/{split}-*.parquet"  # per split, as on the Hub
 
 SOURCES = ("auto", "hub", "local")
 LAYOUTS = ("auto", "wikitext", "rows")

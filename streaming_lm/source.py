@@ -27,6 +27,7 @@ from .config import (
     OFFLINE_VALUES,
     ROOT,
     SAMPLE_DIR,
+    SAMPLE_FILES,
     SOURCES,
     TEXT_COLUMN,
 )
@@ -119,9 +120,9 @@ def local_data_files(
     builder is the `datasets` builder for the files' type: "text", "json" or "parquet".
     """
     if data_files is None:
-        files = sorted(SAMPLE_DIR.glob(f"{split}-*.parquet"))
+        files = sorted(SAMPLE_DIR.glob(SAMPLE_FILES.format(split=split)))
         if not files:
-            splits = sorted({f.name.split("-")[0] for f in SAMPLE_DIR.glob("*.parquet")})
+            splits = sorted({f.name.split("-")[0] for f in SAMPLE_DIR.glob(SAMPLE_FILES.format(split="*"))})
             raise ValueError(f"the bundled sample has the splits {splits}, got split={split!r}")
         return "parquet", [str(f) for f in files]
     patterns = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)

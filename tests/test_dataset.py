@@ -1,36 +1,24 @@
 """Step 4: the IterableDataset, exactly once across workers, ranks and resumes (token accounting).
 
-Most tests stream unique token ids (row r holds ids r*500, r*500+1, ...), so a token seen twice
-or never is caught by comparing sorted lists, not by eye.
+Most tests stream unique token ids (conftest.unique_token_stream), so a token seen twice or never
+is caught by comparing sorted lists, not by eye.
 """
 
-import datasets
-import numpy as np
 import pytest
 import torch
 
 import lab2_helpers as L
-from conftest import WIKI_ROWS, text_stream
+from conftest import (
+    WIKI_ROWS,
+    real_tokens_sorted,
+    row_tokens_sorted,
+    text_stream,
+    unique_token_stream,
+)
 
 BLOCK = 16
 # 3 workers on a 2-core machine is on purpose here (more workers than cores or shards must stay exact)
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
-
-
-def unique_token_stream(n_rows=60, num_shards=6, seed=0):
-    """A tokenized stream of `n_rows` rows of 0-40 unique ids each, in `num_shards` shards."""
-    lengths = np.random.default_rng(seed).integers(0, 41, size=n_rows)
-    rows = [list(range(r * 500, r * 500 + n)) for r, n in enumerate(lengths)]
-    return datasets.Dataset.from_dict({"input_ids": rows}).to_iterable_dataset(num_shards=num_shards), rows
-
-
-def real_tokens(batches):
-    """Sorted real tokens (attention_mask 1) of all batches."""
-    return sorted(t for b in batches for t in b["input_ids"][b["attention_mask"].bool()].tolist())
-
-
-def all_tokens(rows):
-    return sorted(t for row in rows for t in row)
 
 
 def batches_of(dataset, num_workers, batch_size=4):
@@ -41,25 +29,27 @@ def batches_of(dataset, num_workers, batch_size=4):
 def test_workers_read_every_token_exactly_once(num_workers):
     stream, rows = unique_token_stream()
     batches = batches_of(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), num_workers)
-    assert real_tokens(batches) == all_tokens(rows)
+    assert real_tokens_sorted(batches) == row_tokens_sorted(rows)
     assert all(b["input_ids"].shape[1] == BLOCK for b in batches)
 
 
 @pytest.mark.parametrize("num_workers", [1, 2, 3])
 def test_without_padding_workers_lose_only_their_own_tail(num_workers):
     stream, rows = unique_token_stream()
-    got = real_tokens(batches_of(L.StreamingLMIterableDataset(stream, BLOCK), num_workers))
+    got = real_tokens_sorted(batches_of(L.StreamingLMIterableDataset(stream, BLOCK), num_workers))
     assert len(got) == len(set(got))  # nothing twice
-    assert set(got) <= set(all_tokens(rows))
-    assert len(all_tokens(rows)) - len(got) < num_workers * BLOCK  # < one block per part
+    assert set(got) <= set(row_tokens_sorted(rows))
+    assert len(row_tokens_sorted(rows)) - len(got) < num_workers * BLOCK  # < one block per part
 
 
 def test_two_workers_do_not_duplicate_data_unlike_a_naive_wrapper():
     stream, rows = unique_token_stream()
-    naive = real_tokens(batches_of(L.NaiveDataset(rows, BLOCK), num_workers=2))
-    assert len(naive) == 2 * len(all_tokens(rows))  # the accounting catches the duplicate-data bug
-    ours = real_tokens(batches_of(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), num_workers=2))
-    assert ours == all_tokens(rows)
+    naive = real_tokens_sorted(batches_of(L.NaiveDataset(rows, BLOCK), num_workers=2))
+    assert len(naive) == 2 * len(row_tokens_sorted(rows))  # the accounting catches the duplicate-data bug
+    ours = real_tokens_sorted(
+        batches_of(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), num_workers=2)
+    )
+    assert ours == row_tokens_sorted(rows)
 
 
 def test_workers_share_the_shards():
@@ -71,20 +61,20 @@ def test_workers_share_the_shards():
     parts = L.progress_by_part(loader.state_dict())
     assert [p["worker"] for p in parts] == [0, 1]
     assert all(p["tokens"] > 0 for p in parts)
-    assert sum(p["tokens"] for p in parts) == len(all_tokens(rows)) == len(real_tokens(batches))
+    assert sum(p["tokens"] for p in parts) == len(row_tokens_sorted(rows)) == len(real_tokens_sorted(batches))
 
 
 def test_more_workers_than_shards_stay_exactly_once():
     stream, rows = unique_token_stream(num_shards=1)
     batches = batches_of(L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), num_workers=2)
-    assert real_tokens(batches) == all_tokens(rows)
+    assert real_tokens_sorted(batches) == row_tokens_sorted(rows)
 
 
 @pytest.mark.parametrize("world_size, num_workers", [(2, 0), (3, 0), (2, 2), (3, 2), (4, 0)])
 def test_ranks_read_disjoint_parts_that_cover_the_stream(world_size, num_workers):
     stream, rows = unique_token_stream()  # 6 shards: by shard for 2 and 3 ranks, by row for 4
     per_rank = [
-        real_tokens(
+        real_tokens_sorted(
             batches_of(
                 L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True, rank=r, world_size=world_size),
                 num_workers,
@@ -93,18 +83,18 @@ def test_ranks_read_disjoint_parts_that_cover_the_stream(world_size, num_workers
         for r in range(world_size)
     ]
     assert all(per_rank)  # no rank is empty
-    assert sorted(t for part in per_rank for t in part) == all_tokens(rows)
+    assert sorted(t for part in per_rank for t in part) == row_tokens_sorted(rows)
 
 
 def test_plain_iterables_are_split_by_row_over_ranks_and_workers():
     _, rows = unique_token_stream()
     per_rank = [
-        real_tokens(
+        real_tokens_sorted(
             batches_of(L.StreamingLMIterableDataset(rows, BLOCK, pad_last=True, rank=r, world_size=2), 2)
         )
         for r in range(2)
     ]
-    assert all(per_rank) and sorted(per_rank[0] + per_rank[1]) == all_tokens(rows)
+    assert all(per_rank) and sorted(per_rank[0] + per_rank[1]) == row_tokens_sorted(rows)
 
 
 def test_ranks_of_the_bundled_sample_are_never_empty(tokenizer):
@@ -132,13 +122,13 @@ def test_rank_and_world_size_are_checked():
         L.StreamingLMIterableDataset(stream, 0)
 
 
-def test_rank_and_world_size_come_from_torch_distributed(tmp_path):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        dataset = L.StreamingLMIterableDataset(unique_token_stream()[0], BLOCK)
-        assert (dataset.rank, dataset.world_size) == (0, 1)
-    finally:
-        torch.distributed.destroy_process_group()
+def test_rank_and_world_size_come_from_torch_distributed(monkeypatch):
+    """Rank 1 of 2, where the no-distributed fallback (0 of 1) would give another answer."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    dataset = L.StreamingLMIterableDataset(unique_token_stream()[0], BLOCK)
+    assert (dataset.rank, dataset.world_size) == (1, 2)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -201,7 +191,7 @@ def test_dataset_state_holds_the_carried_tokens():
     first = next(it)
     state = dataset.state_dict()
     assert state["blocks"] == 1 and state["tokens"] == BLOCK
-    tokens = all_tokens(rows)
+    tokens = row_tokens_sorted(rows)
     assert first["input_ids"].tolist() == tokens[:BLOCK]
     assert state["carry"] == tokens[BLOCK : BLOCK + len(state["carry"])]  # read, not yet emitted
 
@@ -215,7 +205,7 @@ def test_a_second_pass_after_resume_starts_from_the_beginning():
     resumed = L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True)
     resumed.load_state_dict(state)
     assert len(list(resumed)) == len(list(dataset)) - 1
-    assert real_tokens(collate(list(resumed))) == all_tokens(rows)
+    assert real_tokens_sorted(collate(list(resumed))) == row_tokens_sorted(rows)
 
 
 def collate(blocks):

@@ -7,14 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lab2_helpers as L
+from conftest import real_tokens_in_order
 from streaming_lm.packing import RollingBuffer
 
 PAD = 10**6  # a pad id no generated token can take (the tests pass vocab_size=PAD + 1)
-
-
-def real_tokens(blocks):
-    """All tokens under attention_mask 1, in block order."""
-    return [int(t) for b in blocks for t, m in zip(b["input_ids"], b["attention_mask"]) if m]
 
 
 def test_blocks_concatenate_to_the_token_stream():
@@ -22,7 +18,9 @@ def test_blocks_concatenate_to_the_token_stream():
     blocks = list(L.group_texts_streaming(docs, block_size=256))
     assert len(blocks) == 2
     assert all(len(b["input_ids"]) == len(b["attention_mask"]) == 256 for b in blocks)
-    assert real_tokens(blocks) == list(range(512))  # the final 188 tokens are dropped (pad_last=False)
+    assert real_tokens_in_order(blocks) == list(
+        range(512)
+    )  # the final 188 tokens are dropped (pad_last=False)
 
 
 def test_pad_last_keeps_the_tail_with_mask_zero():
@@ -101,7 +99,7 @@ def test_every_token_lands_in_exactly_one_block_in_order(lengths, block_size, pa
     )
     assert all(len(b["input_ids"]) == len(b["attention_mask"]) == block_size for b in blocks)
     kept = len(tokens) if pad_last else len(tokens) // block_size * block_size
-    assert real_tokens(blocks) == tokens[:kept].tolist()
+    assert real_tokens_in_order(blocks) == tokens[:kept].tolist()
     padded = [b for b in blocks if not b["attention_mask"].all()]
     assert len(padded) == (1 if pad_last and len(tokens) % block_size else 0)
     assert all((b["input_ids"][b["attention_mask"] == 0] == PAD).all() for b in padded)

@@ -23,7 +23,7 @@ def test_bundled_sample_has_the_wikitext_row_layout(sample_rows):
     assert blank and all(r.endswith("\n") and r.startswith(" ") for r in lines)
     titles = [r for r in lines if r.startswith(" = ") and not r.startswith(" = = ")]
     sections = [r for r in lines if r.startswith(" = = ")]
-    assert len(titles) == 138  # one article per chapter (plus Etymology, Extracts, Epilogue)
+    assert len(titles) == 126  # one article per chapter; 12 of the 138 are held out
     assert titles[0] == " = Etymology = \n" and titles[2] == " = Chapter 1 : Loomings = \n"
     assert sections and all(r.endswith(" = = \n") for r in sections)
     # like the Hub: each heading sits between blank rows
@@ -33,27 +33,34 @@ def test_bundled_sample_has_the_wikitext_row_layout(sample_rows):
 
 
 def test_bundled_sample_is_rebuilt_identically_by_its_script(tmp_path, sample_rows):
-    source = C.ROOT.parent / "shared" / "corpus" / "moby_dick.jsonl"
-    if not source.exists():
-        pytest.skip(f"{source} (the sample's source text) is not on this machine")
-    cmd = [
-        sys.executable,
-        str(C.ROOT / "scripts" / "build_sample.py"),
-        "--source",
-        str(source),
-        "--out",
-        str(tmp_path),
-    ]
-    subprocess.run(cmd, check=True, capture_output=True)
-    rebuilt = [r for f in sorted(tmp_path.glob("*.parquet")) for r in pq.read_table(f)["text"].to_pylist()]
-    assert rebuilt == sample_rows
+    cmd = [sys.executable, str(C.ROOT / "scripts" / "build_sample.py"), "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True)  # the source text is vendored under data/source
+    for split in ("train", "validation", "test"):
+        pattern = C.SAMPLE_FILES.format(split=split)
+        built = [pq.ParquetFile(f) for f in sorted(tmp_path.glob(pattern))]
+        bundled = [pq.ParquetFile(f) for f in sorted(C.SAMPLE_DIR.glob(pattern))]
+        assert len(built) == len(bundled) > 0
+        assert [f.metadata.num_row_groups for f in built] == [f.metadata.num_row_groups for f in bundled]
+        assert [f.read()["text"].to_pylist() for f in built] == [f.read()["text"].to_pylist() for f in bundled]
 
 
-def test_local_stream_yields_the_bundled_rows_in_order_from_six_shards(sample_rows):
+def test_local_stream_yields_the_bundled_rows_in_order_from_two_files(sample_rows):
     stream = L.load_text_stream("local")
-    assert stream.n_shards == 6
-    assert stream.info.description == "local: data/wikitext_sample, 6 files"
+    assert stream.n_shards == 2
+    assert stream.reshard().n_shards == 33  # parquet row groups of 4 articles: the pieces
+    assert stream.info.description == "local: data/wikitext_sample, 2 files"
     assert [row["text"] for row in stream] == sample_rows
+
+
+def test_held_out_splits_are_whole_articles_not_in_train(sample_rows):
+    titles = {}
+    for split in ("validation", "test"):
+        rows = [row["text"] for row in L.load_text_stream("local", split=split)]
+        titles[split] = {r for r in rows if L.starts_document(r)}
+        assert len(titles[split]) == 6 and L.starts_document(rows[1])
+    train_titles = {r for r in sample_rows if L.starts_document(r)}
+    assert not (titles["validation"] | titles["test"]) & train_titles
+    assert not titles["validation"] & titles["test"]
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json", ".parquet"])
@@ -101,8 +108,8 @@ def test_local_file_without_text_column_is_refused_naming_the_columns(tmp_path):
 def test_bad_source_and_split_are_refused():
     with pytest.raises(ValueError, match="auto"):
         L.load_text_stream("s3")
-    with pytest.raises(ValueError, match=r"splits \['train'\], got split='validation'"):
-        L.load_text_stream("local", split="validation")
+    with pytest.raises(ValueError, match=r"splits \['test', 'train', 'validation'\], got split='dev'"):
+        L.load_text_stream("local", split="dev")
 
 
 def test_offline_environment_chooses_local_without_probing(monkeypatch):
