@@ -91,7 +91,7 @@ def split_articles(articles, n_shards):
 
 
 def split_of(index):
-    """"validation", "test" or "train" for the article at `index` (reading order)."""
+    """The split ("validation", "test" or "train") of the article at `index` in reading order."""
     if index % HELD_OUT_EVERY == 11:
         return "validation"
     if index % HELD_OUT_EVERY == 22:

@@ -41,7 +41,8 @@ def test_bundled_sample_is_rebuilt_identically_by_its_script(tmp_path, sample_ro
         bundled = [pq.ParquetFile(f) for f in sorted(C.SAMPLE_DIR.glob(pattern))]
         assert len(built) == len(bundled) > 0
         assert [f.metadata.num_row_groups for f in built] == [f.metadata.num_row_groups for f in bundled]
-        assert [f.read()["text"].to_pylist() for f in built] == [f.read()["text"].to_pylist() for f in bundled]
+        rows = [[f.read()["text"].to_pylist() for f in files] for files in (built, bundled)]
+        assert rows[0] == rows[1]
 
 
 def test_local_stream_yields_the_bundled_rows_in_order_from_two_files(sample_rows):
