@@ -1,29 +1,43 @@
-"""Step 4, the dataset: fixed-length LM blocks as a torch IterableDataset, exactly once across
-DataLoader workers, distributed ranks and resumes.
+"""Step 4, the dataset: fixed-length LM blocks as a torch IterableDataset, exactly once per epoch
+across DataLoader workers, distributed ranks and resumes, with optional shuffling.
 
-Who reads what: ranks get disjoint parts of the stream through `datasets.distributed.
-split_dataset_by_node` (whole shards when n_shards % world_size == 0, else every world_size-th row);
-DataLoader workers of a rank get disjoint shards of the rank's part (datasets does this when it is
-iterated inside a worker). Each (rank, worker) part is packed by its own RollingBuffer, and its
-`state_dict()` is the stream position plus the buffer's carried tokens (as in torchtitan), so a
-restored iterator continues with exactly the next block.
+Who reads what is `parts.py`: each (rank, worker) part reads whole pieces of the stream (files or
+parquet row groups, from `datasets`' `reshard()`), tokenizes only those, and packs them with its own
+RollingBuffer. With `shuffle=True` the piece order changes every epoch (from seed and epoch), and
+blocks are shuffled within windows of `shuffle_window` consecutive blocks of a part.
+
+The checkpoint is small whatever the window: `state_dict()` stores where the current window began
+(piece, `datasets` stream state, the packer's carried tokens) and how many of its blocks were
+emitted; a resumed part re-reads that window from its start, draws the same permutation and skips
+what was emitted. Without shuffling the restart point is simply the current position.
 """
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
-from datasets.distributed import split_dataset_by_node
 
-from .checks import is_int
-from .config import BLOCK_SIZE, GPT2_VOCAB_SIZE
+from .checks import check_positive_int, is_int
+from .config import BLOCK_SIZE, GPT2_VOCAB_SIZE, SHUFFLE_WINDOW_BLOCKS
 from .packing import Block, RollingBuffer, check_block_size
+from .parts import PartPlan, piece_order, plan_part
+from .resume import check_state
 
 logger = logging.getLogger(__name__)
+_warned: set[str] = set()  # messages logged once per process
+
+
+def warn_once(message: str) -> None:
+    """logger.warning, once per process for the same message."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -50,14 +64,48 @@ def worker_slot() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def describe_source(stream: Any) -> str:
-    """A short name of a stream, stored in checkpoints to refuse a state from another source."""
+def describe_source(stream: Any) -> dict[str, Any]:
+    """What a checkpoint must match: the stream's provenance (files with size and modification
+    time, tokenizer, layout; set by load_text_stream and tokenize_stream), else a short name."""
+    provenance = getattr(stream, "provenance", None)
+    if provenance:
+        return dict(provenance)
     if isinstance(stream, datasets.IterableDataset):
         info = stream.info
         name = "/".join(filter(None, [info.builder_name, info.config_name])) or "in-memory stream"
-        return info.description or f"{name}, {stream.n_shards} shards"
+        return {"source": info.description or f"{name}, {stream.num_shards} shards"}
     size = f", {len(stream)} rows" if hasattr(stream, "__len__") else ""
-    return f"{type(stream).__name__}{size}"
+    return {"source": f"{type(stream).__name__}{size}"}
+
+
+def as_pieces(stream: Iterable[Any]) -> tuple[Iterable[Any], int]:
+    """(stream, number of pieces): a datasets stream resharded (parquet: one piece per row group),
+    or any other iterable as one piece."""
+    if not isinstance(stream, datasets.IterableDataset):
+        return stream, 1
+    with contextlib.suppress(NotImplementedError):  # not splittable further: its shards are the pieces
+        stream = stream.reshard()
+    return stream, stream.num_shards
+
+
+@dataclass
+class Cursor:
+    """Where a part is in its epoch: the piece (index into its plan), that piece's `datasets` state
+    (None: its start), and the rows of the part's sequence read so far (kept or skipped)."""
+
+    piece: int = 0
+    stream: dict | None = None
+    row: int = 0
+
+
+@dataclass
+class Position:
+    """A restart point: the cursor plus the packer's carried tokens and counters there."""
+
+    cursor: Cursor = field(default_factory=Cursor)
+    carry: list[int] = field(default_factory=list)
+    blocks: int = 0
+    tokens: int = 0
 
 
 class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
@@ -65,7 +113,10 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
 
     tokenized_stream: `tokenize_stream` output (or any re-iterable of `input_ids` rows).
     rank, world_size: this process's part (default: torch.distributed's, else 0 of 1).
-    pad_last: pad each part's final partial block (mask 0) instead of dropping it.
+    pad_last: pad each part's final partial block per epoch (mask 0) instead of dropping it.
+    shuffle, seed: shuffle the piece order per epoch and blocks within windows, from (seed, epoch).
+    shuffle_window: blocks per shuffle window (memory: window x block_size x 8 bytes).
+    epochs: epochs per pass (iter), starting at `set_epoch`'s epoch; None: endless.
     """
 
     def __init__(
@@ -76,110 +127,181 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
         pad_last: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_window: int = SHUFFLE_WINDOW_BLOCKS,
+        epochs: int | None = 1,
         vocab_size: int = GPT2_VOCAB_SIZE,
     ) -> None:
-        self.block_size, self.pad_last = check_block_size(block_size), pad_last
-        self.vocab_size = vocab_size
+        self.block_size, self.pad_last, self.vocab_size = check_block_size(block_size), pad_last, vocab_size
         self.rank, self.world_size = resolve_rank(rank, world_size)
+        if not is_int(seed):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.shuffle, self.seed = bool(shuffle), int(seed)
+        self.shuffle_window = check_positive_int("shuffle_window", shuffle_window)
+        if epochs is not None:
+            epochs = check_positive_int("epochs (a positive int, or None for endless)", epochs)
+        self.epochs = epochs
         self.source = describe_source(tokenized_stream)
-        if isinstance(tokenized_stream, datasets.IterableDataset):
-            # always split (also for world_size 1): the copy keeps its own iteration state
-            tokenized_stream = split_dataset_by_node(
-                tokenized_stream, rank=self.rank, world_size=self.world_size
-            )
-        self.stream = tokenized_stream
-        self._packer: RollingBuffer | None = None  # the current pass's
-        self._rows_read = 0  # plain iterables: rows of this part read so far
-        self._resume: dict | None = None  # position loaded by load_state_dict, used by the next pass
+        self.stream, self.n_pieces = as_pieces(tokenized_stream)
+        self.epoch = 0
+        self._resume: dict | None = None  # a state loaded by load_state_dict, for the next pass
+        self._live: dict[str, Any] = {}  # the current pass: epoch, cursor, packer, window, piece stream
 
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next pass at `epoch` (shuffling draws its orders from seed and epoch)."""
+        if not is_int(epoch) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Block]:
-        resume, self._resume = self._resume or self._position(None, []), None
-        self._packer = RollingBuffer(
-            self.block_size, resume["carry"], resume["blocks"], resume["tokens"], vocab_size=self.vocab_size
+        resume, self._resume = self._resume, None
+        epoch, start, skip = self.epoch, Position(), 0
+        end = None if self.epochs is None else epoch + self.epochs
+        if resume is not None:
+            epoch, end, skip = resume["epoch"], resume["end_epoch"], resume["skip"]
+            cursor = Cursor(**resume["cursor"])
+            start = Position(cursor, resume["carry"], resume["blocks"], resume["tokens"])
+        self._end = end
+        while end is None or epoch < end:
+            yield from self._epoch_blocks(epoch, start, skip)
+            epoch, start, skip = epoch + 1, Position(), 0
+            self._live = {"epoch": epoch}  # between epochs: the next one starts from scratch
+
+    def _plan(self, epoch: int) -> PartPlan:
+        worker, num_workers = worker_slot()
+        order = piece_order(self.n_pieces, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+        plan = plan_part(order, self.rank, self.world_size, worker, num_workers)
+        if plan.step > 1 and self.n_pieces < self.world_size * num_workers:
+            warn_once(
+                f"the stream has {self.n_pieces} piece(s) (files or parquet row groups) for "
+                f"{self.world_size} rank(s) x {num_workers} worker(s): parts share pieces and keep every "
+                f"{plan.step}-th row, so each tokenizes text it does not keep. Fix: more files, or parquet "
+                "files with row groups (each row group is a piece)"
+            )
+        return plan
+
+    def _epoch_blocks(self, epoch: int, start: Position, skip: int) -> Iterator[Block]:
+        """One epoch of this part's blocks, from restart point `start`, `skip` blocks into its window."""
+        plan, cursor = self._plan(epoch), start.cursor
+        packer = RollingBuffer(
+            self.block_size, start.carry, start.blocks, start.tokens, vocab_size=self.vocab_size
         )
-        return self._packer.pack(self._token_rows(resume["stream"]), pad_last=self.pad_last)
+        self._live = {"epoch": epoch, "cursor": cursor, "packer": packer, "piece_stream": None}
+        blocks = packer.pack(self._rows(plan, cursor), pad_last=self.pad_last)
+        if not self.shuffle:
+            yield from blocks
+            return
+        worker, _ = worker_slot()
+        while True:
+            restart = self._position()  # where this window begins: a resume re-reads it from here
+            window = list(itertools.islice(blocks, self.shuffle_window))
+            if not window:
+                return
+            # the window's first block number names it: the same permutation after a resume
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, restart.blocks])
+            order = rng.permutation(len(window))
+            for emitted in range(skip, len(window)):
+                self._live["window"] = (restart, emitted + 1)
+                yield window[order[emitted]]
+            skip = 0
 
-    def _token_rows(self, stream_state: dict | None) -> Iterator[Any]:
-        """This rank's and worker's rows, from the start (None) or from `stream_state`."""
-        if isinstance(self.stream, datasets.IterableDataset):
-            # datasets re-applies a loaded state on every pass; None makes this pass start fresh
-            self.stream.load_state_dict(stream_state)
-            return iter(self.stream)
-        worker, n_workers = worker_slot()
-        part, n_parts = self.rank * n_workers + worker, self.world_size * n_workers
-        self._rows_read = stream_state["rows"] if stream_state else 0
-        rows = itertools.islice(self.stream, part, None, n_parts)
-        return self._count_rows(itertools.islice(rows, self._rows_read, None))
+    def _rows(self, plan: PartPlan, cursor: Cursor) -> Iterator[Any]:
+        """The rows of the plan's pieces from `cursor` on, keeping every plan.step-th row."""
+        for index in range(cursor.piece, len(plan.pieces)):
+            if index != cursor.piece:
+                cursor.piece, cursor.stream = index, None
+            for row in self._piece_rows(plan.pieces[index], cursor):
+                keep = cursor.row % plan.step == plan.offset
+                cursor.row += 1
+                if keep:
+                    yield row
 
-    def _count_rows(self, rows: Iterator[Any]) -> Iterator[Any]:
-        for row in rows:
-            self._rows_read += 1  # counted before the packer sees the row, like datasets' own state
-            yield row
+    def _piece_rows(self, piece: int, cursor: Cursor) -> Iterator[Any]:
+        """The rows of one piece, from the cursor's stream state (None: from its start)."""
+        if not isinstance(self.stream, datasets.IterableDataset):
+            yield from itertools.islice(self.stream, cursor.row, None)  # one piece: rows counted from 0
+            return
+        part = self.stream.shard(num_shards=self.n_pieces, index=piece, contiguous=True)
+        part.load_state_dict(cursor.stream)
+        self._live["piece_stream"] = part
+        # .iter() reads this piece in this process: plain iteration in a DataLoader worker would let
+        # datasets split the piece among the workers again
+        for batch in part.iter(batch_size=1):
+            yield {key: values[0] for key, values in batch.items()}
 
-    def _position(self, stream_state: dict | None, carry: Any, blocks: int = 0, tokens: int = 0) -> dict:
-        return {"stream": stream_state, "carry": carry, "blocks": blocks, "tokens": tokens}
+    # ------------------------------------------------------------------ state
+    def _position(self) -> Position:
+        """The current position of the live pass (between two yields of the packer)."""
+        live = self._live
+        cursor = live["cursor"]
+        stream = live["piece_stream"].state_dict() if live.get("piece_stream") is not None else cursor.stream
+        packer = live["packer"]
+        carry = packer.carry().tolist()
+        return Position(Cursor(cursor.piece, stream, cursor.row), carry, packer.blocks, packer.tokens)
 
     def state_dict(self) -> dict:
-        """This part's position: config, `stream` state, `carry` (list of the tokens read but not
-        yet emitted) and the `blocks` / real `tokens` emitted so far."""
-        if self._resume is not None or self._packer is None:  # nothing read since the last load
-            position = self._resume or self._position(None, [])
-        else:
-            packer = self._packer
-            if isinstance(self.stream, datasets.IterableDataset):
-                stream_state = self.stream.state_dict()
-            else:
-                stream_state = {"rows": self._rows_read}
-            position = self._position(stream_state, packer.carry(), packer.blocks, packer.tokens)
-        # a list, not a tensor: a worker sends its state with every batch, and a tensor would cost
-        # one more shared-memory segment per batch; lists also load with torch.load(weights_only=True)
-        carry = np.asarray(position["carry"], dtype=np.int64).tolist()
-        return {**self._config(), **position, "carry": carry}
+        """This part's restart point: config; `epoch` and `end_epoch` of the pass (None: endless);
+        the position where the current shuffle window began (`cursor`: piece, `datasets` state and
+        rows read; `carry`: tokens read, not yet emitted; `blocks`, `tokens`: emitted before it) and
+        `skip`, the blocks of that window already emitted. Without shuffling: the current position.
+        `dropped`: tokens this part dropped at epoch ends (pad_last=False)."""
+        if self._resume is not None:
+            return self._resume
+        live = self._live
+        epoch = live.get("epoch", self.epoch)
+        end = getattr(self, "_end", None) if live else (None if self.epochs is None else epoch + self.epochs)
+        position, skip = Position(), 0
+        if "packer" in live:
+            position, skip = live["window"] if self.shuffle and "window" in live else (self._position(), 0)
+        dropped = live["packer"].dropped if "packer" in live else 0
+        return {
+            **self._config(),
+            "epoch": epoch,
+            "end_epoch": end,
+            **asdict(position),
+            "skip": skip,
+            "dropped": dropped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume the next pass from `state`; refuses a state saved with another configuration."""
-        missing = {*self._config(), *self._position(None, [])} - set(state)
-        if missing:
-            raise ValueError(f"not a StreamingLMIterableDataset state dict: missing {sorted(missing)}")
-        wrong = {key: value for key, value in self._config().items() if state[key] != value}
-        if wrong:
-            saved = ", ".join(f"{key}={state[key]!r}" for key in wrong)
-            ours = ", ".join(f"{key}={value!r}" for key, value in wrong.items())
-            raise ValueError(
-                f"state dict saved with {saved} cannot resume this dataset ({ours}): "
-                "build the dataset and DataLoader with the same settings to resume"
-            )
-        carry = np.asarray(state["carry"], dtype=np.int64)
-        self._resume = self._position(state["stream"], carry, state["blocks"], state["tokens"])
+        """Resume the next pass from `state`; refuses a state saved with another configuration or
+        with a corrupt field (ValueError naming it)."""
+        self._resume = check_state(state, self._config(), self.vocab_size)
 
     def _config(self) -> dict:
-        worker, n_workers = worker_slot()
+        worker, num_workers = worker_slot()
         return {
             "block_size": self.block_size,
+            "pad_last": self.pad_last,
             "rank": self.rank,
             "world_size": self.world_size,
-            "worker": [worker, n_workers],
+            "worker": [worker, num_workers],
+            "pieces": self.n_pieces,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "shuffle_window": self.shuffle_window,
             "source": self.source,
         }
 
 
 def progress_by_part(state: dict) -> list[dict]:
-    """Blocks and real tokens emitted by each (rank, worker) part, read from a dataset's or a
+    """What each (rank, worker) part has done this epoch, read from a dataset's or a
     StatefulDataLoader's `state_dict()` (the dataset states sit inside, one per worker).
 
-    Returns a list of {"rank", "worker", "blocks", "tokens"}, sorted by rank and worker.
+    Returns a list of {"rank", "worker", "epoch", "blocks", "tokens", "dropped"}, sorted by rank
+    and worker: blocks and real tokens emitted this epoch (with shuffling: up to the start of the
+    current window, plus its blocks emitted), tokens dropped at epoch ends (pad_last=False).
     """
     found = []
 
     def walk(node: Any) -> None:
-        if isinstance(node, dict) and {"worker", "blocks", "tokens", "carry"} <= set(node):
-            part = {
-                "rank": node["rank"],
-                "worker": node["worker"][0],
-                "blocks": node["blocks"],
-                "tokens": node["tokens"],
-            }
-            found.append(part)
+        if isinstance(node, dict) and {"worker", "carry", "skip", "dropped"} <= set(node):
+            blocks = node["blocks"] + node["skip"]
+            tokens = node["tokens"] + node["skip"] * node["block_size"]
+            part = {"rank": node["rank"], "worker": node["worker"][0], "epoch": node["epoch"]}
+            found.append({**part, "blocks": blocks, "tokens": tokens, "dropped": node["dropped"]})
         elif isinstance(node, dict):
             for value in node.values():
                 walk(value)

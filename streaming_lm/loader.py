@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .config import BATCH_SIZE, IGNORE_INDEX, PREFETCH_BATCHES
 from .packing import token_ids
+from .resume import saved_num_workers
 
 
 def collate_fn(examples: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -44,10 +46,56 @@ def collate_fn(examples: Sequence[Any]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch[0], "attention_mask": batch[1], "labels": batch[2]}
 
 
+class StreamingLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader, plus three things a training loop needs of a stream:
+
+    - epochs advance by themselves: each new pass over the loader after a finished one calls
+      `dataset.set_epoch(epoch + dataset.epochs)` unless the caller set the epoch itself;
+    - `state_dict()` records that epoch, so a checkpoint taken after a finished pass resumes into
+      the next epoch, not a replay of the same one;
+    - `load_state_dict()` refuses a state saved with another num_workers with a clear ValueError
+      (torchdata alone fails with a bare AssertionError about `_snapshot`).
+    """
+
+    def __init__(self, dataset: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._pass_epoch: int | None = None  # the dataset epoch the last pass started at
+
+    def __iter__(self) -> Any:
+        dataset = self.dataset
+        epoch = getattr(dataset, "epoch", None)
+        finished = self._iterator is not None and self._iterator._finished
+        if epoch is not None and finished and epoch == self._pass_epoch:
+            dataset.set_epoch(epoch + (dataset.epochs or 1))  # the caller did not set it: next epoch
+        self._pass_epoch = getattr(dataset, "epoch", None)
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        epoch = getattr(self.dataset, "epoch", None)
+        return state if epoch is None else {**state, "dataset_epoch": epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        epoch = state.pop("dataset_epoch", None)
+        saved = saved_num_workers(state)
+        if saved is not None and saved != self.num_workers:
+            raise ValueError(
+                f"this checkpoint was saved by a DataLoader with num_workers={saved}; this one has "
+                f"num_workers={self.num_workers}: build it with num_workers={saved} to resume"
+            )
+        super().load_state_dict(state)
+        if epoch is not None and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+            self._pass_epoch = epoch
+            if state.get("_iterator_finished"):  # the saved pass had ended: the next one is a new epoch
+                self.dataset.set_epoch(epoch + (self.dataset.epochs or 1))
+
+
 def make_dataloader(
     dataset: torch.utils.data.Dataset, batch_size: int = BATCH_SIZE, num_workers: int = 0, **kwargs: Any
 ) -> Any:
-    """A resumable DataLoader (torchdata's StatefulDataLoader) with `collate_fn`.
+    """A resumable DataLoader (`StreamingLoader`, a torchdata StatefulDataLoader) with `collate_fn`.
 
     Yields dicts of `input_ids`, `attention_mask`, `labels`, each LongTensor (batch_size, T).
     `loader.state_dict()` / `load_state_dict()` checkpoint the position of every worker, including
@@ -56,8 +104,6 @@ def make_dataloader(
     worker costs ~1.5 ms of inter-process transfer per 8 x 256 batch, so workers pay off only where
     tokenizing is slower than that.
     """
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
     if num_workers > 0:
         # forked workers cannot share the Rust tokenizer's thread pool (it would warn on stderr)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,6 +112,6 @@ def make_dataloader(
         kwargs.setdefault("prefetch_factor", PREFETCH_BATCHES)
     with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.13 deprecates
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-        return StatefulDataLoader(
+        return StreamingLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, **kwargs
         )

@@ -8,6 +8,7 @@ be reached, instead of silently reading something else.
 """
 
 import glob
+import hashlib
 import logging
 import os
 import threading
@@ -112,6 +113,17 @@ def _expand(pattern: str) -> list[Path]:
     return paths
 
 
+def fingerprint(files: Sequence[str]) -> str:
+    """A short digest of the files' resolved paths, sizes and modification times: a checkpoint
+    saved on other files (swapped, edited, touched) is refused; the same files by another path are not."""
+    digest = hashlib.sha1()
+    for name in files:
+        path = Path(name).resolve()
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"{len(files)} file{'s' * (len(files) != 1)} #{digest.hexdigest()[:12]}"
+
+
 def local_data_files(
     data_files: DataFiles | None = None, split: str = DATASET_SPLIT
 ) -> tuple[str, list[str]]:
@@ -148,9 +160,12 @@ def load_text_stream(
         source, why = "local", "data_files given"
     else:
         source, why = choose_source(source)
+    if data_files is not None and source == "hub":
+        raise ValueError("data_files are local files: use source='local' (or 'auto') with them")
     if source == "hub":
         stream = datasets.load_dataset(DATASET_NAME, DATASET_CONFIG, split=split, streaming=True)
         stream.info.description = f"hub: {DATASET_NAME}/{DATASET_CONFIG} ({split})"
+        stream.provenance = {"source": stream.info.description}  # what a checkpoint must match
         return stream
     builder, files = local_data_files(data_files, split)
     options = {"keep_linebreaks": True} if builder == "text" else {}  # WikiText rows keep their "\n"
@@ -162,4 +177,5 @@ def load_text_stream(
     where = os.path.relpath(SAMPLE_DIR, ROOT) if data_files is None else ", ".join(files[:3])
     note = "" if why in ("asked for", "data_files given") else f" ({why})"
     stream.info.description = f"local: {where}, {len(files)} file{'s' * (len(files) > 1)}{note}"
+    stream.provenance = {"source": f"local ({split})", "files": fingerprint(files)}
     return stream

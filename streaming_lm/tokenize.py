@@ -113,6 +113,16 @@ def load_tokenizer(name_or_path: str | None = None, *, backend: str = "hf") -> A
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
+def tokenizer_identity(tokenizer: Any) -> str:
+    """What a checkpoint records of the tokenizer: the bundled GPT-2 files (either backend: same
+    ids) or its name, with the vocabulary size."""
+    name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
+    if Path(name).resolve() == TOKENIZER_DIR.resolve():
+        name = "gpt2 (bundled files)"
+    size = getattr(tokenizer, "vocab_size", None)
+    return f"{name}, vocab {size}"
+
+
 def starts_document(text: str, layout: str = "wikitext") -> bool:
     """True if this row opens a new document (and so gets an EOS in front of it).
 
@@ -241,6 +251,11 @@ def tokenize_stream(
     if columns is not None and TEXT_COLUMN not in columns:
         raise ValueError(f"the stream has no {TEXT_COLUMN!r} column; its columns are {columns}")
     eos = tokenizer.eos_token_id if separate_documents else None
+    settings = {
+        "tokenizer": tokenizer_identity(tokenizer),
+        "layout": layout,
+        "separate_documents": separate_documents,
+    }
     known = columns is not None  # unknown columns stay until after the map: no row may be dropped then
     fn = functools.partial(
         _tokenize_batch, tokenizer=tokenizer, eos_token_id=eos, layout=layout, drop_blank=known
@@ -249,4 +264,9 @@ def tokenize_stream(
         stream = stream.select_columns([TEXT_COLUMN])
     remove = [TEXT_COLUMN] if known else None
     mapped = stream.map(fn, batched=True, batch_size=batch_rows, with_indices=True, remove_columns=remove)
-    return mapped if known else mapped.select_columns(["input_ids"])
+    mapped = mapped if known else mapped.select_columns(["input_ids"])
+    mapped.provenance = {
+        **getattr(stream, "provenance", {"source": stream.info.description or "stream"}),
+        **settings,
+    }
+    return mapped
