@@ -144,6 +144,8 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
         self.epochs = epochs
         self.source = describe_source(tokenized_stream)
         self.stream, self.n_pieces = as_pieces(tokenized_stream)
+        weights = getattr(tokenized_stream, "piece_weights", None)
+        self.piece_weights = weights if weights is not None and len(weights) == self.n_pieces else None
         self.epoch = 0
         self._resume: dict | None = None  # a state loaded by load_state_dict, for the next pass
         self._live: dict[str, Any] = {}  # the current pass: epoch, cursor, packer, window, piece stream
@@ -172,7 +174,7 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
     def _plan(self, epoch: int) -> PartPlan:
         worker, num_workers = worker_slot()
         order = piece_order(self.n_pieces, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
-        plan = plan_part(order, self.rank, self.world_size, worker, num_workers)
+        plan = plan_part(order, self.rank, self.world_size, worker, num_workers, self.piece_weights)
         if plan.step > 1 and self.n_pieces < self.world_size * num_workers:
             warn_once(
                 f"the stream has {self.n_pieces} piece(s) (files or parquet row groups) for "

@@ -4,8 +4,9 @@ Pure functions, no I/O. Each epoch:
 
 1. the pieces are put in an order: as they are (0, 1, ..., n-1), or, with shuffling, a permutation
    drawn from (seed, epoch), the same on every rank;
-2. that order is cut into `world_size` contiguous runs of equal length (+-1 piece), one per rank,
-   and each rank's run into `num_workers` runs, one per DataLoader worker.
+2. that order is cut into `world_size` contiguous runs of about equal weight (the pieces' bytes
+   where the source knows them, as local parquet does; else equal piece counts), one per rank, and
+   each rank's run into `num_workers` runs the same way, one per DataLoader worker.
 
 So every part reads whole pieces, tokenizes only its own text, and a document is split only where
 a piece ends. Where there are fewer pieces than parts (one JSONL file and 2 workers, say), a part
@@ -39,22 +40,44 @@ def piece_order(n_pieces: int, *, shuffle: bool = False, seed: int = 0, epoch: i
     return np.random.default_rng([seed, epoch]).permutation(n_pieces).tolist()
 
 
-def contiguous_run(items: list[int], n_runs: int, index: int) -> list[int]:
-    """The `index`-th of `n_runs` contiguous runs of `items`, lengths differing by at most one."""
-    size, extra = divmod(len(items), n_runs)
-    start = index * size + min(index, extra)
-    return items[start : start + size + (index < extra)]
+def contiguous_run(
+    items: list[int], n_runs: int, index: int, weights: list[float] | None = None
+) -> list[int]:
+    """The `index`-th of `n_runs` contiguous, non-empty runs of `items` (len(items) >= n_runs).
+
+    Without `weights` (one per piece index) the runs' lengths differ by at most one; with them each
+    cut falls where the running weight is closest to its share, keeping every run non-empty.
+    """
+    if weights is None:
+        size, extra = divmod(len(items), n_runs)
+        start = index * size + min(index, extra)
+        return items[start : start + size + (index < extra)]
+    cumulative = np.cumsum([weights[i] for i in items])
+    cuts = [0]
+    for k in range(1, n_runs):
+        low, high = cuts[-1] + 1, len(items) - (n_runs - k)  # leave one piece for every later run
+        target = cumulative[-1] * k / n_runs
+        cuts.append(low + int(np.argmin(np.abs(cumulative[low - 1 : high] - target))))
+    cuts.append(len(items))
+    return items[cuts[index] : cuts[index + 1]]
 
 
-def plan_part(order: list[int], rank: int, world_size: int, worker: int, num_workers: int) -> PartPlan:
+def plan_part(
+    order: list[int],
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    weights: list[float] | None = None,
+) -> PartPlan:
     """The pieces (or every k-th row of them) that worker `worker` of rank `rank` reads.
 
     Ranks take contiguous runs of `order` when there are at least `world_size` pieces, else every
     world_size-th row of all of them; workers split their rank's share the same way.
     """
     if len(order) >= world_size:
-        mine = contiguous_run(order, world_size, rank)
+        mine = contiguous_run(order, world_size, rank, weights)
         if len(mine) >= num_workers:
-            return PartPlan(tuple(contiguous_run(mine, num_workers, worker)))
+            return PartPlan(tuple(contiguous_run(mine, num_workers, worker, weights)))
         return PartPlan(tuple(mine), step=num_workers, offset=worker)
     return PartPlan(tuple(order), step=world_size * num_workers, offset=rank * num_workers + worker)

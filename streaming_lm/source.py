@@ -124,6 +124,18 @@ def fingerprint(files: Sequence[str]) -> str:
     return f"{len(files)} file{'s' * (len(files) != 1)} #{digest.hexdigest()[:12]}"
 
 
+def parquet_piece_weights(files: Sequence[str]) -> list[int]:
+    """Uncompressed bytes of every row group, file by file: the pieces `reshard()` makes of them,
+    in its order, so that ranks and workers can be given about equal shares (parts.py)."""
+    import pyarrow.parquet as pq
+
+    weights = []
+    for name in files:
+        meta = pq.ParquetFile(name).metadata
+        weights += [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+    return weights
+
+
 def local_data_files(
     data_files: DataFiles | None = None, split: str = DATASET_SPLIT
 ) -> tuple[str, list[str]]:
@@ -178,4 +190,6 @@ def load_text_stream(
     note = "" if why in ("asked for", "data_files given") else f" ({why})"
     stream.info.description = f"local: {where}, {len(files)} file{'s' * (len(files) > 1)}{note}"
     stream.provenance = {"source": f"local ({split})", "files": fingerprint(files)}
+    if builder == "parquet":
+        stream.piece_weights = parquet_piece_weights(files)
     return stream

@@ -256,6 +256,10 @@ def tokenize_stream(
         "layout": layout,
         "separate_documents": separate_documents,
     }
+    source, provenance = (
+        stream,
+        getattr(stream, "provenance", {"source": stream.info.description or "stream"}),
+    )
     known = columns is not None  # unknown columns stay until after the map: no row may be dropped then
     fn = functools.partial(
         _tokenize_batch, tokenizer=tokenizer, eos_token_id=eos, layout=layout, drop_blank=known
@@ -265,8 +269,6 @@ def tokenize_stream(
     remove = [TEXT_COLUMN] if known else None
     mapped = stream.map(fn, batched=True, batch_size=batch_rows, with_indices=True, remove_columns=remove)
     mapped = mapped if known else mapped.select_columns(["input_ids"])
-    mapped.provenance = {
-        **getattr(stream, "provenance", {"source": stream.info.description or "stream"}),
-        **settings,
-    }
+    mapped.provenance = {**provenance, **settings}  # what a checkpoint must match
+    mapped.piece_weights = getattr(source, "piece_weights", None)  # sizes of the pieces, if known
     return mapped
