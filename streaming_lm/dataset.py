@@ -148,6 +148,7 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
         self.piece_weights = weights if weights is not None and len(weights) == self.n_pieces else None
         self.epoch = 0
         self._resume: dict | None = None  # a state loaded by load_state_dict, for the next pass
+        self._end: int | None = None  # the epoch the current pass stops before (None: endless)
         self._live: dict[str, Any] = {}  # the current pass: epoch, cursor, packer, window, piece stream
 
     def set_epoch(self, epoch: int) -> None:
@@ -168,8 +169,18 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
         self._end = end
         while end is None or epoch < end:
             yield from self._epoch_blocks(epoch, start, skip)
+            packer = self._live["packer"]
+            done = {
+                "epoch": epoch,
+                "blocks": packer.blocks,
+                "tokens": packer.tokens,
+                "dropped": packer.dropped,
+            }
             epoch, start, skip = epoch + 1, Position(), 0
-            self._live = {"epoch": epoch}  # between epochs: the next one starts from scratch
+            self._live = {"epoch": epoch, "last_epoch": done}  # between epochs: the next starts afresh
+
+    def _last(self) -> dict:
+        return {"last_epoch": self._live["last_epoch"]} if self._live.get("last_epoch") else {}
 
     def _plan(self, epoch: int) -> PartPlan:
         worker, num_workers = worker_slot()
@@ -190,7 +201,13 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
         packer = RollingBuffer(
             self.block_size, start.carry, start.blocks, start.tokens, vocab_size=self.vocab_size
         )
-        self._live = {"epoch": epoch, "cursor": cursor, "packer": packer, "piece_stream": None}
+        self._live = {
+            "epoch": epoch,
+            "cursor": cursor,
+            "packer": packer,
+            "piece_stream": None,
+            **self._last(),
+        }
         blocks = packer.pack(self._rows(plan, cursor), pad_last=self.pad_last)
         if not self.shuffle:
             yield from blocks
@@ -248,12 +265,13 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
         the position where the current shuffle window began (`cursor`: piece, `datasets` state and
         rows read; `carry`: tokens read, not yet emitted; `blocks`, `tokens`: emitted before it) and
         `skip`, the blocks of that window already emitted. Without shuffling: the current position.
-        `dropped`: tokens this part dropped at epoch ends (pad_last=False)."""
+        `dropped`: tokens dropped at this epoch's end (pad_last=False); `last_epoch`: blocks, tokens
+        and dropped tokens of the last epoch this pass completed (None before)."""
         if self._resume is not None:
             return self._resume
         live = self._live
         epoch = live.get("epoch", self.epoch)
-        end = getattr(self, "_end", None) if live else (None if self.epochs is None else epoch + self.epochs)
+        end = self._end if live else (None if self.epochs is None else epoch + self.epochs)
         position, skip = Position(), 0
         if "packer" in live:
             position, skip = live["window"] if self.shuffle and "window" in live else (self._position(), 0)
@@ -265,6 +283,7 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
             **asdict(position),
             "skip": skip,
             "dropped": dropped,
+            "last_epoch": live.get("last_epoch"),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -289,21 +308,33 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
 
 
 def progress_by_part(state: dict) -> list[dict]:
-    """What each (rank, worker) part has done this epoch, read from a dataset's or a
-    StatefulDataLoader's `state_dict()` (the dataset states sit inside, one per worker).
+    """What each (rank, worker) part has emitted, read from a dataset's or a StatefulDataLoader's
+    `state_dict()` (the dataset states sit inside, one per worker).
 
-    Returns a list of {"rank", "worker", "epoch", "blocks", "tokens", "dropped"}, sorted by rank
-    and worker: blocks and real tokens emitted this epoch (with shuffling: up to the start of the
-    current window, plus its blocks emitted), tokens dropped at epoch ends (pad_last=False).
+    Returns a list of {"rank", "worker", "epoch", "blocks", "tokens", "dropped"}, sorted by rank and
+    worker: blocks and real tokens emitted in `epoch` (with shuffling: counted to the current window's
+    start, plus its blocks emitted, as full blocks) and tokens dropped at its end (pad_last=False).
+    A part that sits between epochs reports the epoch it completed.
     """
     found = []
 
     def walk(node: Any) -> None:
         if isinstance(node, dict) and {"worker", "carry", "skip", "dropped"} <= set(node):
-            blocks = node["blocks"] + node["skip"]
-            tokens = node["tokens"] + node["skip"] * node["block_size"]
-            part = {"rank": node["rank"], "worker": node["worker"][0], "epoch": node["epoch"]}
-            found.append({**part, "blocks": blocks, "tokens": tokens, "dropped": node["dropped"]})
+            part = {"rank": node["rank"], "worker": node["worker"][0]}
+            last, fresh = node.get("last_epoch"), node["blocks"] + node["skip"] == 0
+            if last and fresh:
+                found.append({**part, **last})
+                return
+            blocks, tokens = node["blocks"] + node["skip"], node["tokens"] + node["skip"] * node["block_size"]
+            found.append(
+                {
+                    **part,
+                    "epoch": node["epoch"],
+                    "blocks": blocks,
+                    "tokens": tokens,
+                    "dropped": node["dropped"],
+                }
+            )
         elif isinstance(node, dict):
             for value in node.values():
                 walk(value)

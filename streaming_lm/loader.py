@@ -4,9 +4,11 @@
 `state_dict()` checkpoints every worker's position (stream state and carried tokens).
 """
 
+import itertools
+import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from .config import BATCH_SIZE, IGNORE_INDEX, PREFETCH_BATCHES
 from .packing import token_ids
 from .resume import saved_num_workers
+
+logger = logging.getLogger(__name__)
 
 
 def collate_fn(examples: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -57,8 +61,10 @@ class StreamingLoader(StatefulDataLoader):
       (torchdata alone fails with a bare AssertionError about `_snapshot`).
     """
 
-    def __init__(self, dataset: Any, **kwargs: Any) -> None:
+    def __init__(self, dataset: Any, *, even_steps: bool = False, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
+        self.even_steps = even_steps
+        self.not_yielded = {"batches": 0, "tokens": 0}  # with even_steps: this rank's, last pass
         self._pass_epoch: int | None = None  # the dataset epoch the last pass started at
 
     def __iter__(self) -> Any:
@@ -68,7 +74,37 @@ class StreamingLoader(StatefulDataLoader):
         if epoch is not None and finished and epoch == self._pass_epoch:
             dataset.set_epoch(epoch + (dataset.epochs or 1))  # the caller did not set it: next epoch
         self._pass_epoch = getattr(dataset, "epoch", None)
-        return super().__iter__()
+        batches = super().__iter__()
+        if self.even_steps and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return self._lockstep(batches)
+        return batches
+
+    def _lockstep(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """Yield a batch only while every rank has one (one all_reduce of a flag per step), so a
+        step's collectives never wait for a rank that ran out; count what this rank did not yield."""
+        dist = torch.distributed
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        steps = 0
+        while True:
+            batch = next(batches, None)
+            flag = torch.tensor([int(batch is not None)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if not flag.item():
+                break
+            steps += 1
+            yield batch
+        rest = [] if batch is None else itertools.chain([batch], batches)  # read to the end: count it
+        left = [int(b["attention_mask"].sum()) for b in rest]
+        self.not_yielded = {"batches": len(left), "tokens": sum(left)}
+        if left:
+            logger.warning(
+                "even_steps: rank %d stopped with the other ranks after %d batches; %d batches (%d tokens) "
+                "of its part were not yielded (endless epochs, epochs=None, lose nothing instead)",
+                dist.get_rank(),
+                steps,
+                len(left),
+                sum(left),
+            )
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -93,8 +129,13 @@ class StreamingLoader(StatefulDataLoader):
 
 
 def make_dataloader(
-    dataset: torch.utils.data.Dataset, batch_size: int = BATCH_SIZE, num_workers: int = 0, **kwargs: Any
-) -> Any:
+    dataset: torch.utils.data.Dataset,
+    batch_size: int = BATCH_SIZE,
+    num_workers: int = 0,
+    *,
+    even_steps: bool = False,
+    **kwargs: Any,
+) -> StreamingLoader:
     """A resumable DataLoader (`StreamingLoader`, a torchdata StatefulDataLoader) with `collate_fn`.
 
     Yields dicts of `input_ids`, `attention_mask`, `labels`, each LongTensor (batch_size, T).
@@ -103,6 +144,12 @@ def make_dataloader(
     `snapshot_every_n_steps=1`); pass your checkpoint interval to save that work. On 2 cores a
     worker costs ~1.5 ms of inter-process transfer per 8 x 256 batch, so workers pay off only where
     tokenizing is slower than that.
+
+    even_steps: when torch.distributed is initialized, every rank yields the same number of
+    batches (the smallest rank's): a step's collectives never wait for a rank that ran out. The
+    batches other ranks had left are counted in `loader.not_yielded` and logged at WARNING. This
+    trades exactly-once for lockstep; endless epochs (`epochs=None`, training by step count) need
+    neither. Without torch.distributed it does nothing.
     """
     if num_workers > 0:
         # forked workers cannot share the Rust tokenizer's thread pool (it would warn on stderr)
@@ -113,5 +160,10 @@ def make_dataloader(
     with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.13 deprecates
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
         return StreamingLoader(
-            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, **kwargs
+            dataset,
+            even_steps=even_steps,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            **kwargs,
         )

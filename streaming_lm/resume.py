@@ -10,7 +10,7 @@ from typing import Any
 
 from .checks import is_int
 
-POSITION_KEYS = ("epoch", "end_epoch", "cursor", "carry", "blocks", "tokens", "skip", "dropped")
+POSITION_KEYS = ("epoch", "end_epoch", "cursor", "carry", "blocks", "tokens", "skip", "dropped", "last_epoch")
 
 
 def _mismatches(saved: Any, ours: Any, path: str) -> Iterator[str]:
