@@ -141,8 +141,8 @@ class RollingBuffer:
         self._buf, self._pos = tail[:0], 0
         if self.empty_rows:
             logger.warning(
-                "%d of %d rows had no text (None or empty) and gave no tokens; the first is row %d of this "
-                "part. Is the text under another key than 'text'?",
+                "%d of %d rows gave no tokens (no text: None or empty); the first is row %d of this part. "
+                "Is the text under another key than 'text'?",
                 self.empty_rows,
                 self.rows,
                 self.first_empty_row,
