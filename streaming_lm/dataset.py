@@ -288,12 +288,8 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the next pass from `state`; refuses a state saved with another configuration or
-        with a corrupt field (ValueError naming it). A state saved after its pass ended resumes
-        nothing: the next pass starts the next epoch."""
-        state = check_state(state, self._config(), self.vocab_size)
-        finished = state["end_epoch"] is not None and state["epoch"] >= state["end_epoch"]
-        self._resume = None if finished else state
-        self.epoch = state["epoch"]
+        with a corrupt field (ValueError naming it)."""
+        self._resume = check_state(state, self._config(), self.vocab_size)
 
     def _config(self) -> dict:
         worker, num_workers = worker_slot()

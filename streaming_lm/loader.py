@@ -4,6 +4,7 @@
 `state_dict()` checkpoints every worker's position (stream state and carried tokens).
 """
 
+import functools
 import itertools
 import logging
 import os
@@ -120,12 +121,18 @@ class StreamingLoader(StatefulDataLoader):
                 f"this checkpoint was saved by a DataLoader with num_workers={saved}; this one has "
                 f"num_workers={self.num_workers}: build it with num_workers={saved} to resume"
             )
-        super().load_state_dict(state)
+        finished = bool(state.get("_iterator_finished"))
+        super().load_state_dict({} if finished else state)  # a finished pass leaves nothing to resume
         if epoch is not None and hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-            self._pass_epoch = epoch
-            if state.get("_iterator_finished"):  # the saved pass had ended: the next one is a new epoch
-                self.dataset.set_epoch(epoch + (self.dataset.epochs or 1))
+            self._pass_epoch = epoch + (self.dataset.epochs or 1) if finished else epoch
+            self.dataset.set_epoch(self._pass_epoch)  # after a finished pass: the next epoch
+
+
+def _init_worker(user_init: Any, worker_id: int) -> None:
+    """In each DataLoader worker: no tokenizer thread pool (see make_dataloader), then the user's init."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if user_init is not None:
+        user_init(worker_id)
 
 
 def make_dataloader(
@@ -152,8 +159,10 @@ def make_dataloader(
     neither. Without torch.distributed it does nothing.
     """
     if num_workers > 0:
-        # forked workers cannot share the Rust tokenizer's thread pool (it would warn on stderr)
+        # forked workers cannot use the Rust tokenizer's thread pool of the parent: with
+        # TOKENIZERS_PARALLELISM=true they would hang forever, unset they would warn on stderr
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        kwargs["worker_init_fn"] = functools.partial(_init_worker, kwargs.get("worker_init_fn"))
         # blocks come in bursts (one tokenizer call, then many blocks): a deeper queue per worker
         # keeps the workers busy while the main process waits for the other one (in-order batches)
         kwargs.setdefault("prefetch_factor", PREFETCH_BATCHES)

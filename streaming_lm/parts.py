@@ -41,12 +41,13 @@ def piece_order(n_pieces: int, *, shuffle: bool = False, seed: int = 0, epoch: i
 
 
 def contiguous_run(
-    items: list[int], n_runs: int, index: int, weights: list[float] | None = None
+    items: list[int], n_runs: int, index: int, weights: list[float] | None = None, min_len: int = 1
 ) -> list[int]:
-    """The `index`-th of `n_runs` contiguous, non-empty runs of `items` (len(items) >= n_runs).
+    """The `index`-th of `n_runs` contiguous runs of `items`, each at least `min_len` long
+    (len(items) >= n_runs * min_len).
 
     Without `weights` (one per piece index) the runs' lengths differ by at most one; with them each
-    cut falls where the running weight is closest to its share, keeping every run non-empty.
+    cut falls where the running weight is closest to its share, within those length bounds.
     """
     if weights is None:
         size, extra = divmod(len(items), n_runs)
@@ -55,7 +56,7 @@ def contiguous_run(
     cumulative = np.cumsum([weights[i] for i in items])
     cuts = [0]
     for k in range(1, n_runs):
-        low, high = cuts[-1] + 1, len(items) - (n_runs - k)  # leave one piece for every later run
+        low, high = cuts[-1] + min_len, len(items) - (n_runs - k) * min_len  # room for later runs
         target = cumulative[-1] * k / n_runs
         cuts.append(low + int(np.argmin(np.abs(cumulative[low - 1 : high] - target))))
     cuts.append(len(items))
@@ -76,7 +77,8 @@ def plan_part(
     world_size-th row of all of them; workers split their rank's share the same way.
     """
     if len(order) >= world_size:
-        mine = contiguous_run(order, world_size, rank, weights)
+        min_len = num_workers if len(order) >= world_size * num_workers else 1  # a piece per worker
+        mine = contiguous_run(order, world_size, rank, weights, min_len)
         if len(mine) >= num_workers:
             return PartPlan(tuple(contiguous_run(mine, num_workers, worker, weights)))
         return PartPlan(tuple(mine), step=num_workers, offset=worker)

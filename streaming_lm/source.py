@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+import pyarrow
 
 from .checks import check_choice
 from .config import (
@@ -27,6 +28,7 @@ from .config import (
     LOCAL_BUILDERS,
     OFFLINE_VALUES,
     ROOT,
+    SAMPLE_BYTES,
     SAMPLE_DIR,
     SAMPLE_FILES,
     SOURCES,
@@ -110,6 +112,8 @@ def _expand(pattern: str) -> list[Path]:
             )
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"data file {path} is empty (0 bytes)")
     return paths
 
 
@@ -122,6 +126,22 @@ def fingerprint(files: Sequence[str]) -> str:
         stat = path.stat()
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return f"{len(files)} file{'s' * (len(files) != 1)} #{digest.hexdigest()[:12]}"
+
+
+def mean_row_chars(builder: str, files: Sequence[str]) -> float:
+    """About how many characters a row holds: parquet from its metadata (uncompressed bytes per
+    row), text and JSON lines from the first MiB of the first file. tokenize_stream uses it to keep
+    a tokenizing batch near TOKENIZE_BATCH_CHARS however long the documents are."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        metas = [pq.ParquetFile(f).metadata for f in files]
+        rows = sum(m.num_rows for m in metas)
+        size = sum(m.row_group(i).total_byte_size for m in metas for i in range(m.num_row_groups))
+        return size / max(rows, 1)
+    with open(files[0], "rb") as f:
+        head = f.read(SAMPLE_BYTES)
+    return len(head) / max(head.count(b"\n"), 1)
 
 
 def parquet_piece_weights(files: Sequence[str]) -> list[int]:
@@ -181,7 +201,14 @@ def load_text_stream(
         return stream
     builder, files = local_data_files(data_files, split)
     options = {"keep_linebreaks": True} if builder == "text" else {}  # WikiText rows keep their "\n"
-    stream = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True, **options)
+    try:
+        stream = datasets.load_dataset(
+            builder, data_files={split: files}, split=split, streaming=True, **options
+        )
+    except (pyarrow.ArrowInvalid, StopIteration) as err:  # a file datasets cannot read: name it
+        raise ValueError(
+            f"cannot read {builder} data files {files[:3]}: {type(err).__name__} {err}"
+        ) from None
     if stream.column_names is not None and TEXT_COLUMN not in stream.column_names:
         raise ValueError(f"no {TEXT_COLUMN!r} column in {files[0]}; its columns are {stream.column_names}")
     if data_files is None:  # laid out like wikitext-103-v1: tokenize_stream's "auto" layout reads this
@@ -190,6 +217,7 @@ def load_text_stream(
     note = "" if why in ("asked for", "data_files given") else f" ({why})"
     stream.info.description = f"local: {where}, {len(files)} file{'s' * (len(files) > 1)}{note}"
     stream.provenance = {"source": f"local ({split})", "files": fingerprint(files)}
+    stream.mean_row_chars = mean_row_chars(builder, files)
     if builder == "parquet":
         stream.piece_weights = parquet_piece_weights(files)
     return stream

@@ -28,6 +28,7 @@ from .config import (
     EOS_TOKEN_ID,
     LAYOUTS,
     TEXT_COLUMN,
+    TOKENIZE_BATCH_CHARS,
     TOKENIZE_BATCH_ROWS,
     TOKENIZE_CHARS,
     TOKENIZER_BACKENDS,
@@ -233,7 +234,8 @@ def tokenize_stream(
 
     No padding, no truncation, one output row per input row (WikiText's blank rows dropped; rows
     without text are 0-token rows, counted and reported by the packer). Memory holds one batch of
-    `batch_rows` rows plus one tokenizer call's Python lists (<= TOKENIZE_CHARS characters).
+    `batch_rows` rows (fewer for local files of long rows: about TOKENIZE_BATCH_CHARS characters)
+    plus one tokenizer call's Python lists (<= TOKENIZE_CHARS characters).
     With `separate_documents`, EOS (50256) goes in front of every row that opens a document:
     `layout` "wikitext" (WikiText articles), "rows" (every row) or "auto" (wikitext for the Hub's
     WikiText and the bundled sample, rows for anything else). A literal "<|endoftext|>" in the text
@@ -242,6 +244,9 @@ def tokenize_stream(
     if tokenizer is None or not callable(tokenizer):
         raise TypeError(f"tokenizer must be a callable tokenizer (see load_tokenizer()), got {tokenizer!r}")
     batch_rows = check_positive_int("batch_rows", batch_rows)
+    row_chars = getattr(stream, "mean_row_chars", None)  # set by load_text_stream for local files
+    if row_chars:  # long documents: fewer rows per batch, so memory holds ~TOKENIZE_BATCH_CHARS of text
+        batch_rows = max(1, min(batch_rows, int(TOKENIZE_BATCH_CHARS // row_chars)))
     if isinstance(stream, datasets.Dataset):
         stream = stream.to_iterable_dataset()
     if not isinstance(stream, datasets.IterableDataset):

@@ -92,7 +92,7 @@ def test_missing_data_file_is_named_in_the_error(tmp_path):
 def test_unsupported_or_mixed_file_types_are_refused(tmp_path):
     (tmp_path / "a.csv").write_text("text\nhello\n")
     (tmp_path / "b.txt").write_text("hello\n")
-    (tmp_path / "c.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "c.parquet")
     with pytest.raises(ValueError, match=".csv"):
         L.load_text_stream(data_files=str(tmp_path / "a.csv"))
     with pytest.raises(ValueError, match="suffixes"):

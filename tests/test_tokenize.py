@@ -106,8 +106,8 @@ def test_rows_without_text_become_empty_rows_that_the_packer_reports(tokenizer, 
     with caplog.at_level("WARNING"):
         blocks = list(L.group_texts_streaming(rows, block_size=1))
     assert [tokenizer.decode(b["input_ids"]) for b in blocks] == ["alpha", "beta"]
-    (message,) = [r.getMessage() for r in caplog.records if "no text" in r.getMessage()]
-    assert "3 of 5 rows had no text" in message and "the first is row 1" in message
+    (message,) = [r.getMessage() for r in caplog.records if "gave no tokens" in r.getMessage()]
+    assert "3 of 5 rows gave no tokens" in message and "the first is row 1" in message
 
 
 def test_non_string_text_names_the_row_and_column(tokenizer):
