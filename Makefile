@@ -4,6 +4,7 @@
 #   make test       install into .venv, run the unit tests and nbval on the notebook
 # ONLINE=1 make notebook streams the real WikiText-103 from the Hub instead.
 #   make lint       ruff check and ruff format --check (CI runs it before the tests)
+#   make test-floor the resume tests again with the lowest versions requirements.txt allows (CI runs it)
 # make benchmark  measures throughput and memory, writes docs/benchmark.md and docs/benchmark.png (a few minutes)
 
 VENV ?= .venv
@@ -16,7 +17,9 @@ else
   HF_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 endif
 
-.PHONY: install notebook test lint benchmark
+FLOOR_VENV ?= .venv-floor
+
+.PHONY: install notebook test lint test-floor benchmark
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -33,6 +36,16 @@ notebook: install
 
 test: install
 	$(PY) -m pytest
+
+# the resume and training tests again, with every requirement at the lowest version requirements.txt
+# allows (torch stays at $(TORCH): older CPU builds are not on this disk; PyPI's are CUDA builds of GBs)
+test-floor:
+	python3 -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install --quiet "$(TORCH)"
+	sed -E 's/>=/==/; s/#.*//' requirements.txt | grep -vE '^torch==|^\s*$$' > $(FLOOR_VENV)/floor.txt
+	$(FLOOR_VENV)/bin/pip install --quiet -r $(FLOOR_VENV)/floor.txt pytest hypothesis
+	$(FLOOR_VENV)/bin/pip list 2>/dev/null | grep -iE '^(datasets|transformers|tiktoken|torchdata|numpy|pyarrow|torch) '
+	$(FLOOR_VENV)/bin/python -m pytest -o addopts="" -q tests/test_dataset.py tests/test_epochs.py tests/test_training.py
 
 lint: install
 	$(VENV)/bin/ruff check .

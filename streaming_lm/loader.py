@@ -16,21 +16,33 @@ import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from .config import BATCH_SIZE, IGNORE_INDEX, PREFETCH_BATCHES
+from .config import BATCH_SIZE, EOS_TOKEN_ID, IGNORE_INDEX, PREFETCH_BATCHES
 from .packing import token_ids
 from .resume import saved_num_workers
 
 logger = logging.getLogger(__name__)
 
 
-def collate_fn(examples: Sequence[Any]) -> dict[str, torch.Tensor]:
+def document_positions(
+    input_ids: np.ndarray, mask: np.ndarray, eos_token_id: int = EOS_TOKEN_ID
+) -> np.ndarray:
+    """(B, T) positions that restart at 0 at each document start (the EOS that opens it), as
+    Hugging Face's DataCollatorWithFlattening and torchtitan do; before a block's first EOS they
+    count from the block's start."""
+    steps = np.arange(input_ids.shape[1])  # (T,)
+    starts = np.where((input_ids == eos_token_id) & (mask == 1), steps, 0)  # (B, T)
+    return steps - np.maximum.accumulate(starts, axis=1)
+
+
+def collate_fn(examples: Sequence[Any], position_ids: bool = False) -> dict[str, torch.Tensor]:
     """Step 5: list of B blocks -> {"input_ids", "attention_mask", "labels"}, each LongTensor (B, T).
 
     labels equal input_ids where attention_mask is 1 and -100 where it is 0, so padding never counts
     in the loss (the model shifts labels itself, as in Hugging Face causal LMs). A real EOS keeps its
-    label: only the mask decides, never the id. The three are views of one (3, B, T) tensor: a
-    DataLoader worker then ships one shared-memory segment per batch, not three (measured: 1.5
-    instead of 3.6 ms per batch).
+    label: only the mask decides, never the id (the pad id is EOS too). With `position_ids`, adds
+    (B, T) positions restarting at each document's EOS. The tensors are views of one (3 or 4, B, T)
+    tensor: a DataLoader worker then ships one shared-memory segment per batch, not three
+    (measured: 1.5 instead of 3.6 ms per batch).
     """
     if not examples:
         raise ValueError("collate_fn got an empty batch")
@@ -45,10 +57,12 @@ def collate_fn(examples: Sequence[Any]) -> dict[str, torch.Tensor]:
         raise ValueError(f"collate_fn needs blocks of one length: {err}") from err
     if input_ids.shape != mask.shape or input_ids.ndim != 2:
         raise ValueError(f"input_ids {input_ids.shape} and attention_mask {mask.shape} must be equal (B, T)")
-    out = np.stack([input_ids, mask, input_ids]).astype(np.int64, copy=False)  # (3, B, T)
+    parts = [input_ids, mask, input_ids] + ([document_positions(input_ids, mask)] if position_ids else [])
+    out = np.stack(parts).astype(np.int64, copy=False)  # (3 or 4, B, T)
     np.putmask(out[2], out[1] == 0, IGNORE_INDEX)  # labels: -100 on padding
     batch = torch.from_numpy(out)
-    return {"input_ids": batch[0], "attention_mask": batch[1], "labels": batch[2]}
+    names = ["input_ids", "attention_mask", "labels", "position_ids"]
+    return dict(zip(names, batch))
 
 
 class StreamingLoader(StatefulDataLoader):
@@ -141,6 +155,7 @@ def make_dataloader(
     num_workers: int = 0,
     *,
     even_steps: bool = False,
+    position_ids: bool = False,
     **kwargs: Any,
 ) -> StreamingLoader:
     """A resumable DataLoader (`StreamingLoader`, a torchdata StatefulDataLoader) with `collate_fn`.
@@ -152,6 +167,7 @@ def make_dataloader(
     worker costs ~1.5 ms of inter-process transfer per 8 x 256 batch, so workers pay off only where
     tokenizing is slower than that.
 
+    position_ids: add `position_ids` (B, T) restarting at 0 at each document (see collate_fn).
     even_steps: when torch.distributed is initialized, every rank yields the same number of
     batches (the smallest rank's): a step's collectives never wait for a rank that ran out. The
     batches other ranks had left are counted in `loader.not_yielded` and logged at WARNING. This
@@ -173,6 +189,6 @@ def make_dataloader(
             even_steps=even_steps,
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=collate_fn,
+            collate_fn=functools.partial(collate_fn, position_ids=True) if position_ids else collate_fn,
             **kwargs,
         )

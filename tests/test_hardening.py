@@ -81,7 +81,9 @@ def test_a_lone_surrogate_fails_the_same_clear_way_on_both_backends(tokenizer, f
         stream = datasets.IterableDataset.from_generator(
             lambda: iter([{"text": "fine"}, {"text": "bad \ud800 here"}])
         )
-        with pytest.raises(ValueError, match=r"row 1, column 'text': not valid Unicode text \(\\ud800 at character 4"):
+        with pytest.raises(
+            ValueError, match=r"row 1, column 'text': not valid Unicode text \(\\ud800 at character 4"
+        ):
             list(L.tokenize_stream(stream, tok))
 
 

@@ -1,0 +1,107 @@
+"""Training on the stream: document positions, EOS targets, and scripts/train.py surviving SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import lab2_helpers as L
+from streaming_lm import config as C
+
+EOS = L.EOS_TOKEN_ID
+TRAIN = [sys.executable, str(C.ROOT / "scripts" / "train.py")]
+SMALL = ["--block-size", "64", "--batch-size", "4", "--backend", "tiktoken"]  # fast steps on 2 cores
+
+
+def test_position_ids_restart_at_each_document_start():
+    block = {
+        "input_ids": np.array([5, 6, EOS, 7, 8, EOS, 9, EOS]),
+        "attention_mask": np.array([1, 1, 1, 1, 1, 1, 1, 0]),
+    }
+    batch = L.collate_fn([block, block], position_ids=True)
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 1, 2]] * 2
+    assert set(L.collate_fn([block])) == {"input_ids", "attention_mask", "labels"}  # off by default
+
+
+def test_loader_position_ids_count_tokens_since_the_last_eos(fast_tokenizer):
+    tokens = L.tokenize_stream(L.load_text_stream("local"), fast_tokenizer)
+    batch = next(iter(L.make_dataloader(L.StreamingLMIterableDataset(tokens), position_ids=True)))
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    starts = (ids == EOS).nonzero().tolist()
+    assert len(starts) > 0  # the batch holds document starts: the test is not vacuous
+    for row, col in starts:
+        assert positions[row, col] == 0
+    restarts = (positions[:, 1:] != positions[:, :-1] + 1).nonzero()
+    assert all(ids[r, c + 1] == EOS for r, c in restarts.tolist())  # positions only restart at an EOS
+
+
+def test_a_real_eos_inside_a_block_keeps_its_label():
+    block = {"input_ids": np.array([5, EOS, 7, EOS]), "attention_mask": np.array([1, 1, 1, 0])}
+    labels = L.collate_fn([block])["labels"][0].tolist()
+    assert labels == [5, EOS, 7, -100]  # the separator is a target; only padding is ignored
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def wait_for_checkpoint_step(out, step, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = out / "log.jsonl"
+        if (
+            (out / "checkpoint.pt").exists()
+            and log.exists()
+            and any(r["step"] >= step + 1 for r in read_log(out))
+        ):
+            return
+        assert process.poll() is None, "the run ended before its second checkpoint"
+        time.sleep(0.05)
+    raise AssertionError("no second checkpoint in time")
+
+
+def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_uninterrupted_losses(tmp_path):
+    args = ["--steps", "14", "--checkpoint-every", "4", *SMALL]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(
+        [*TRAIN, *args, "--out", str(tmp_path / "whole")],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    whole = read_log(tmp_path / "whole")
+    assert [r["step"] for r in whole] == list(range(1, 15))
+
+    crashed = tmp_path / "crashed"
+    process = subprocess.Popen(
+        [*TRAIN, *args, "--out", str(crashed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for_checkpoint_step(crashed, 8, process)  # step 9 logged: the checkpoint of step 8 is on disk
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert torch.load(crashed / "checkpoint.pt", weights_only=False)["step"] == 8
+    (crashed / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill during a write leaves
+    subprocess.run(
+        [*TRAIN, *args, "--out", str(crashed), "--resume"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    resumed = read_log(crashed)
+    assert [r["step"] for r in resumed] == list(range(1, 15))  # every step once
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]  # exactly the uninterrupted run
+
+
+def test_the_default_run_loses_a_nat_within_40_steps(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [*TRAIN, "--steps", "40", "--checkpoint-every", "40", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=900)
+    losses = [r["loss"] for r in read_log(tmp_path)]
+    assert len(losses) == 40 and min(losses[-5:]) < losses[0] - 1.0
