@@ -4,8 +4,9 @@
 
 Every rank builds the same pipeline (stream -> tokenize -> StreamingLMIterableDataset, which takes
 its rank and world size from torch.distributed -> DataLoader) and reads its part to the end with
-pad_last=True (with --even-steps doing one all_reduce per step, as DDP does). The tokenizer counts the characters it is
-given (in every worker), so the run shows that each rank tokenizes only its own share. Then the
+pad_last=True (with --even-steps doing one all_reduce per step, as DDP does). The tokenizer counts
+the characters it is given (in every worker), so the run shows that each rank tokenizes only its
+own share. Then the
 ranks all_gather their figures and all_reduce a histogram of their real tokens over the GPT-2
 vocabulary; rank 0 compares it with one pass over the whole stream in a single process.
 

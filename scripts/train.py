@@ -1,8 +1,8 @@
 """Train a GPT-2 on the streaming pipeline, with crash-proof checkpoints.
 
     python scripts/train.py --steps 200 --checkpoint-every 50 --out runs/tiny [--resume]
-    python scripts/train.py --steps 300 --checkpoint-every 100 --out runs/gpu --device cuda --bf16 --compile \\
-        --model gpt2-small --block-size 1024 --batch-size 16
+    python scripts/train.py --steps 300 --checkpoint-every 100 --out runs/gpu \\
+        --device cuda --bf16 --compile --model gpt2-small --block-size 1024 --batch-size 16
 
 Defaults: CPU, the tiny model (2 layers, width 128), the bundled sample's train split, shuffled,
 endless epochs (training counts steps, so ranks and epochs never run out). Each step appends one
@@ -165,8 +165,8 @@ def main(argv=None):
         log_path.unlink()  # a fresh run starts a fresh log
     compiled = torch.compile(model) if args.compile else model
     print(
-        f"training {args.model} on {args.device} from step {start} to {args.steps}, {args.num_workers} workers, "
-        f"{args.backend} tokenizer, batches {args.batch_size} x {args.block_size}",
+        f"training {args.model} on {args.device} from step {start} to {args.steps}, "
+        f"{args.num_workers} workers, {args.backend} tokenizer, batch {args.batch_size} x {args.block_size}",
         flush=True,
     )
     records = training.train_steps(
