@@ -8,19 +8,23 @@
     dataset = L.StreamingLMIterableDataset(tokens)           # 4. streaming_lm/dataset.py
     loader = L.make_dataloader(dataset)                      # 5. streaming_lm/loader.py (collate_fn)
     stats = L.sample_stats(tokens)                           #    streaming_lm/measure.py
+    model = L.make_model()                                   #    streaming_lm/training.py
 
 The logic lives in the `streaming_lm` package, one module per step; this file only re-exports it.
-Baselines for comparison (the seed-style pipeline, the naive wrapper) are in streaming_lm/baselines.py.
+Who reads what (ranks, workers, shuffled pieces) is streaming_lm/parts.py; checkpoint checks are
+streaming_lm/resume.py; baselines for comparison (the seed-style pipeline, the naive wrapper) are
+streaming_lm/baselines.py.
 """
 
 from streaming_lm.baselines import NaiveDataset, seed_style_loader
 from streaming_lm.config import BATCH_SIZE, BLOCK_SIZE, DATASET_CONFIG, DATASET_NAME, EOS_TOKEN_ID
 from streaming_lm.dataset import StreamingLMIterableDataset, progress_by_part
 from streaming_lm.loader import collate_fn, make_dataloader
-from streaming_lm.measure import measure_throughput, plot_token_lengths, sample_stats
+from streaming_lm.measure import measure_throughput, plot_token_lengths, sample_stats, shuffle_quality
 from streaming_lm.packing import group_texts_streaming
 from streaming_lm.source import load_text_stream
 from streaming_lm.tokenize import load_tokenizer, starts_document, tokenize_stream
+from streaming_lm.training import evaluate, make_model, make_optimizer, train_steps
 
 __all__ = [
     "BATCH_SIZE",
@@ -31,15 +35,20 @@ __all__ = [
     "NaiveDataset",
     "StreamingLMIterableDataset",
     "collate_fn",
+    "evaluate",
     "group_texts_streaming",
     "load_text_stream",
     "load_tokenizer",
     "make_dataloader",
+    "make_model",
+    "make_optimizer",
     "measure_throughput",
     "plot_token_lengths",
     "progress_by_part",
     "sample_stats",
     "seed_style_loader",
+    "shuffle_quality",
     "starts_document",
     "tokenize_stream",
+    "train_steps",
 ]

@@ -93,3 +93,41 @@ def measure_throughput(
     seconds = time.perf_counter() - start
     rate = tokens / seconds if seconds else 0.0
     return {"batches": batches, "tokens": tokens, "seconds": seconds, "tokens_per_sec": rate}
+
+
+def spearman(a: Any, b: Any) -> float:
+    """Spearman's rank correlation of two equal-length sequences (no ties expected)."""
+    ranks_a, ranks_b = (np.argsort(np.argsort(np.asarray(x))) for x in (a, b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def shuffle_quality(
+    token_rows: list[Any], n_pieces: int, eos_token_id: int, **dataset_kwargs: Any
+) -> dict[str, Any]:
+    """Where each document lands in one shuffled epoch, against its place in the corpus.
+
+    token_rows: the corpus's token rows in order (documents open with `eos_token_id`). They are
+    replaced by their tokens' corpus positions, split into `n_pieces` pieces, and read through
+    StreamingLMIterableDataset(shuffle=True, **dataset_kwargs): the same permutations the real
+    tokens get. Returns {"corpus" ((D,) document index), "shuffled" ((D,) median position of the
+    document's tokens in the epoch, 0..1), "rho" (Spearman of the two)}.
+    """
+    import datasets
+
+    from .dataset import StreamingLMIterableDataset
+
+    tokens = np.concatenate([np.asarray(r, dtype=np.int64) for r in token_rows])  # (N,)
+    document = np.cumsum(tokens == eos_token_id) - 1  # (N,) document index of every token
+    bounds = np.cumsum([len(r) for r in token_rows])[:-1]
+    positions = [p.tolist() for p in np.split(np.arange(len(tokens)), bounds)]
+    stream = datasets.Dataset.from_dict({"input_ids": positions}).to_iterable_dataset(num_shards=n_pieces)
+    settings = {"pad_last": True, **dataset_kwargs, "shuffle": True, "vocab_size": len(tokens)}
+    order = np.concatenate(
+        [b["input_ids"][b["attention_mask"] == 1] for b in StreamingLMIterableDataset(stream, **settings)]
+    )  # (N,) corpus positions in the order the epoch yields them
+    where = np.empty(len(tokens))
+    where[order] = np.arange(len(order)) / len(order)
+    keep = document >= 0  # tokens before the first document start belong to none
+    shuffled = np.array([np.median(where[keep][document[keep] == d]) for d in range(document.max() + 1)])
+    corpus = np.arange(len(shuffled))
+    return {"corpus": corpus, "shuffled": shuffled, "rho": spearman(corpus, shuffled)}
