@@ -2,7 +2,8 @@
 #   make notebook   install into .venv, execute the notebook headless (offline: the bundled sample),
 #                   write the executed notebook with its plot to build/lab2_streaming_lm.html
 #   make test       install into .venv, run the unit tests and nbval on the notebook
-# ONLINE=1 make notebook streams the real WikiText-103 from the Hub instead.
+# ONLINE=1 make notebook streams the real WikiText-103 from the Hub instead (and fails within seconds
+# if the Hub cannot be reached, instead of quietly using the sample).
 #   make lint       ruff check and ruff format --check (CI runs it before the tests)
 #   make test-floor the resume tests again with the lowest versions requirements.txt allows (CI runs it)
 # make benchmark  measures throughput and memory, writes docs/benchmark.md and docs/benchmark.png (a few minutes)
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ONLINE ?= 0
 ifeq ($(ONLINE),1)
-  HF_ENV :=
+  HF_ENV := LAB_SOURCE=hub
 else
   HF_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 endif
