@@ -6,7 +6,11 @@ BLOCK_SIZE = 256  # tokens per training example
 BATCH_SIZE = 8  # examples per batch
 MAX_BLOCK_SIZE = 1_048_576  # tokens: larger blocks are refused (2**31 would try to allocate 16 GiB)
 
-DATASET_NAME = "wikitext"  # Hub id (canonical: Salesforce/wikitext, train split = 2 parquet files)
+DATASET_NAME = "wikitext"  # the lab's name for the data set
+# Its Hub repository. The bare "wikitext" is an old alias: huggingface_hub >= 1.0 refuses repository
+# ids without a namespace ("Repository id must be 'namespace/name'"), so load_dataset("wikitext", ...)
+# fails with datasets 5 before it reads a byte. The train split is 2 parquet files, 33 row groups.
+DATASET_REPO = "Salesforce/wikitext"
 DATASET_CONFIG = "wikitext-103-v1"
 DATASET_SPLIT = "train"
 TEXT_COLUMN = "text"
@@ -23,6 +27,9 @@ FILL_BLOCKS = 8  # the packer joins rows once per 8 blocks' worth of tokens: few
 SHUFFLE_WINDOW_BLOCKS = 256  # blocks shuffled together per part (256 x 256 tokens x 8 bytes = 0.5 MiB)
 PREFETCH_BATCHES = 16  # batches queued per DataLoader worker (torch's default: 2)
 HUB_PROBE_SECONDS = 5.0  # seconds: give up on the Hub after this long (datasets alone retries ~25 s)
+HUB_RETRIES = 4  # load_dataset attempts after the first when the Hub answers 429 or 5xx
+HUB_RETRY_SECONDS = 1.0  # the first wait; it doubles each time (1 + 2 + 4 + 8 s at most)
+HUB_RETRY_STATUSES = (429, 500, 502, 503, 504)  # rate limited or briefly unavailable
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATA_DIR = ROOT / "data"

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,9 +23,12 @@ import pyarrow
 from .checks import check_choice
 from .config import (
     DATASET_CONFIG,
-    DATASET_NAME,
+    DATASET_REPO,
     DATASET_SPLIT,
     HUB_PROBE_SECONDS,
+    HUB_RETRIES,
+    HUB_RETRY_SECONDS,
+    HUB_RETRY_STATUSES,
     LOCAL_BUILDERS,
     OFFLINE_VALUES,
     ROOT,
@@ -59,7 +63,7 @@ def hub_status(timeout: float = HUB_PROBE_SECONDS) -> tuple[bool, str]:
         return False, f"{switch} is set"
     from huggingface_hub import constants
 
-    url = f"{constants.ENDPOINT}/api/datasets/{DATASET_NAME}"
+    url = f"{constants.ENDPOINT}/api/datasets/{DATASET_REPO}"
     answers: list[tuple[bool, str]] = []
 
     def probe() -> None:
@@ -115,6 +119,27 @@ def _expand(pattern: str) -> list[Path]:
         if path.stat().st_size == 0:
             raise ValueError(f"data file {path} is empty (0 bytes)")
     return paths
+
+
+def load_hub_split(split: str) -> datasets.IterableDataset:
+    """wikitext-103-v1's `split` from the Hub, streaming. Answers 429 or 5xx while it is set up
+    (reading the card and the file list) are retried HUB_RETRIES times with doubling waits, each
+    said at WARNING; the file reads while streaming are retried by huggingface_hub itself."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(HUB_RETRIES + 1):
+        try:
+            return datasets.load_dataset(DATASET_REPO, DATASET_CONFIG, split=split, streaming=True)
+        except HfHubHTTPError as err:
+            status = getattr(err.response, "status_code", None)
+            if status not in HUB_RETRY_STATUSES or attempt == HUB_RETRIES:
+                raise
+            wait = HUB_RETRY_SECONDS * 2**attempt
+            logger.warning(
+                "the Hub answered %s: retry %d of %d in %g s", status, attempt + 1, HUB_RETRIES, wait
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def fingerprint(files: Sequence[str]) -> str:
@@ -195,8 +220,8 @@ def load_text_stream(
     if data_files is not None and source == "hub":
         raise ValueError("data_files are local files: use source='local' (or 'auto') with them")
     if source == "hub":
-        stream = datasets.load_dataset(DATASET_NAME, DATASET_CONFIG, split=split, streaming=True)
-        stream.info.description = f"hub: {DATASET_NAME}/{DATASET_CONFIG} ({split})"
+        stream = load_hub_split(split)
+        stream.info.description = f"hub: {DATASET_REPO} {DATASET_CONFIG} ({split})"
         stream.provenance = {"source": stream.info.description}  # what a checkpoint must match
         return stream
     builder, files = local_data_files(data_files, split)
