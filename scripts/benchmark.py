@@ -8,9 +8,9 @@ Every figure is the best of `--repeats` runs, all measured in this one process (
 measured in fresh subprocesses), so the ratios compare like with like on a noisy machine.
 
 Corpora, both streamed from parquet with `datasets` like the real data:
-- "wikitext rows": the bundled sample as it is (3,025 short rows, 6 shards);
-- "long documents": the same text with each article joined into one row (138 rows, ~2,200
-  tokens each, 6 shards);
+- "wikitext rows": the bundled sample's train split as it is (2,810 short rows, 2 files, 33 row groups);
+- "long documents": the same text with each article joined into one row (126 rows, ~2,200
+  tokens each, 2 files in row groups of 8 articles);
 - "whole book": the whole text as one row (~300k tokens, 1 shard): where a quadratic buffer hurts.
 Pipelines:
 1. the tokenizer alone on the same texts, in memory (HF fast; tiktoken): the limit;
@@ -19,8 +19,10 @@ Pipelines:
    buffer cut with `buffer = buffer[block_size:]`, `torch.tensor` collate;
 3. ours with the default tokenizer (HF GPT2TokenizerFast);
 4. ours with the tiktoken backend;
-5. ours in 1 and in 2 DataLoader workers, both tokenizers, on the 6-shard corpora (the workers
-   share the shards; these runs stream the corpus 3 times over to amortize the workers' start-up).
+5. ours in 1 and in 2 DataLoader workers, both tokenizers (the workers share the pieces; these
+   runs stream the corpus 3 times over to amortize the workers' start-up);
+6. the worker path: a pre-tokenized source through ours against a bare torch DataLoader shipping
+   the same blocks (the ceiling), and the HF pipeline with 0, 1, 2, 4, 8 workers (up to the cores).
 """
 
 import argparse
@@ -62,7 +64,7 @@ def write_corpora(folder):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sample = [str(f) for f in sorted(C.SAMPLE_DIR.glob(C.SAMPLE_FILES))]
+    sample = [str(f) for f in sorted(C.SAMPLE_DIR.glob(C.SAMPLE_FILES.format(split="train")))]
     corpora = {"wikitext rows": sample, "long documents": [], "whole book": []}
     for k, path in enumerate(sample):
         articles, current = [], []
@@ -73,7 +75,8 @@ def write_corpora(folder):
             current.append(row)
         articles.append("".join(current))
         corpora["long documents"].append(str(Path(folder) / f"long-{k:05d}.parquet"))
-        pq.write_table(pa.table({"text": articles}), corpora["long documents"][-1])
+        # row groups of 8 articles: pieces enough for 8 workers, like the sample's
+        pq.write_table(pa.table({"text": articles}), corpora["long documents"][-1], row_group_size=8)
     book = "".join(row for path in sample for row in pq.read_table(path)["text"].to_pylist())
     corpora["whole book"].append(str(Path(folder) / "book.parquet"))
     pq.write_table(pa.table({"text": [book]}), corpora["whole book"][-1])
@@ -106,7 +109,7 @@ def measure_speeds(corpora, repeats):
     for corpus, files in corpora.items():
         texts = [t for f in files for t in pq.read_table(f)["text"].to_pylist() if t]
         stream = L.load_text_stream(data_files=files)
-        longer = stream.repeat(WORKER_REPEAT)  # worker start-up (~0.2 s) amortized over 3 passes
+        longer = repeated(stream, WORKER_REPEAT)  # worker start-up (~0.2 s) amortized over 3 passes
         in_process += [
             (corpus, "tokenizer alone, HF", lambda texts=texts: raw_tokenizer_tokens(hf, texts)),
             (corpus, "tokenizer alone, tiktoken", lambda texts=texts: raw_tokenizer_tokens(fast, texts)),
@@ -122,7 +125,7 @@ def measure_speeds(corpora, repeats):
             )
             for name, tok in (("HF", hf), ("tiktoken", fast))
             for n in (1, 2)
-            if len(files) > 1  # one shard: a second worker would idle
+            if corpus != "whole book"  # one row: a second worker would idle
         ]
     results = {corpus: {} for corpus in corpora}
     with tqdm(total=repeats * (len(in_process) + len(with_workers)), desc="benchmark", unit="run") as bar:
@@ -134,6 +137,70 @@ def measure_speeds(corpora, repeats):
                     results[corpus][name] = max(rate, results[corpus].get(name, 0.0))
                     bar.update()
     return results
+
+
+class BareBlocks(torch.utils.data.IterableDataset):
+    """The same blocks, precomputed, dealt to DataLoader workers in turn: what a bare torch
+    DataLoader costs to ship them (the worker path's ceiling)."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return iter(self.blocks[worker::workers])
+
+
+def measure_worker_path(corpora, repeats):
+    """{row: {workers: best tokens/s}}: a pre-tokenized source (the sample's token rows, 3 times
+    over, 33 pieces) through our dataset and loader against a bare torch DataLoader shipping the
+    same blocks; and the whole pipeline (HF tokenizer) on the sample with 0 to 8 workers (as many
+    as there are cores)."""
+    import datasets
+
+    fast, hf = L.load_tokenizer(backend="tiktoken"), L.load_tokenizer()
+    text = L.load_text_stream(data_files=corpora["wikitext rows"])
+    rows = [r["input_ids"].tolist() for r in L.tokenize_stream(text, fast)] * WORKER_REPEAT
+    blocks = list(L.group_texts_streaming(rows))
+    tokenized = datasets.Dataset.from_dict({"input_ids": rows}).to_iterable_dataset(num_shards=33)
+    counts = [n for n in (0, 1, 2, 4, 8) if n <= (os.cpu_count() or 1)]
+    runs = []
+    for n in (0, 1, 2):
+        bare = torch.utils.data.DataLoader(
+            BareBlocks(blocks), batch_size=8, num_workers=n, collate_fn=L.collate_fn
+        )
+        runs += [("bare torch DataLoader, same blocks", n, lambda b=bare: tokens_through(b))]
+        runs += [
+            (
+                "ours, pre-tokenized source",
+                n,
+                lambda n=n: tokens_through(
+                    L.make_dataloader(L.StreamingLMIterableDataset(tokenized), num_workers=n)
+                ),
+            )
+        ]
+    longer = repeated(text, WORKER_REPEAT)
+    runs += [
+        ("ours, HF tokenizer, wikitext rows x3", n, lambda n=n: tokens_through(our_loader(longer, hf, n)))
+        for n in counts
+    ]
+    results = {}
+    for _ in range(repeats):
+        for name, n, fn in runs:
+            start = time.perf_counter()
+            rate = fn() / (time.perf_counter() - start)
+            results.setdefault(name, {})[n] = max(rate, results.get(name, {}).get(n, 0.0))
+    return results
+
+
+def repeated(stream, times):
+    """`stream` read `times` over. datasets' repeat() returns a new stream without the row-length
+    estimate load_text_stream attached, so it is carried over: tokenize_stream then sizes its
+    batches as it would for a corpus that long."""
+    longer = stream.repeat(times)
+    longer.mean_row_chars = stream.mean_row_chars
+    return longer
 
 
 def tokens_through(loader):
@@ -150,7 +217,7 @@ def peak_rss_run(files, scale, batch_rows):
     """Child process: stream the corpus `scale` times through our pipeline (tiktoken);
     prints 'tokens rss_before_kib peak_kib'."""
     stream = L.load_text_stream(data_files=files)
-    stream = stream.repeat(scale) if scale > 1 else stream
+    stream = repeated(stream, scale) if scale > 1 else stream
     loader = our_loader(stream, L.load_tokenizer(backend="tiktoken"), batch_rows=batch_rows)
     before = memory_kib("VmRSS")
     tokens = L.measure_throughput(loader)["tokens"]
@@ -249,6 +316,32 @@ def table(speeds, memory, repeats):
     return "\n".join(lines) + "\n"
 
 
+def worker_table(workers):
+    """The worker-path section of the report."""
+    counts = sorted({n for row in workers.values() for n in row})
+    lines = [
+        "",
+        "Worker path, tokens/s by number of DataLoader workers (0: in the main process), 8 x 256 batches:",
+        "",
+        "| pipeline | " + " | ".join(f"{n} workers" for n in counts) + " |",
+        "|---|" + "---:|" * len(counts),
+    ]
+    for name, row in workers.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[n]:,.0f}" if n in row else "" for n in counts) + " |")
+    bare, ours = workers["bare torch DataLoader, same blocks"], workers["ours, pre-tokenized source"]
+    lines += [
+        "",
+        "Ours against the bare DataLoader with the same workers: "
+        + ", ".join(f"{n} workers {ours[n] / bare[n]:.2f}x" for n in (1, 2)),
+    ]
+    hf = workers["ours, HF tokenizer, wikitext rows x3"]
+    lines += [
+        "HF pipeline, workers against in-process: "
+        + ", ".join(f"{n} workers {hf[n] / hf[0]:.2f}x" for n in sorted(hf) if n)
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def chart(speeds, path):
     """Grouped horizontal bars: tokens/s per pipeline, one group per corpus."""
     import matplotlib
@@ -288,9 +381,10 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         corpora = write_corpora(folder)
         speeds = measure_speeds(corpora, args.repeats)
+        workers = measure_worker_path(corpora, args.repeats)
         memory = measure_memory(corpora)
     args.out.mkdir(exist_ok=True)
-    report = table(speeds, memory, args.repeats)
+    report = table(speeds, memory, args.repeats) + worker_table(workers)
     (args.out / "benchmark.md").write_text(report)
     chart(speeds, args.out / "benchmark.png")
     print(report)
