@@ -23,6 +23,7 @@ TOKENIZE_BATCH_ROWS = 1000  # rows per batch of the lazy map (256: 10-20 % slowe
 TOKENIZE_CHARS = 1_000_000  # characters per tokenizer call at most (one longer text goes alone)
 TOKENIZE_BATCH_CHARS = 4_000_000  # characters per map batch, about: fewer rows when rows are long
 SAMPLE_BYTES = 1 << 20  # bytes read from a text/JSON file to estimate its row length
+PIECE_BATCH_ROWS = 64  # rows the dataset takes from a piece at a time (1 at a time: 2x the overhead)
 FILL_BLOCKS = 8  # the packer joins rows once per 8 blocks' worth of tokens: few numpy calls, small carry
 SHUFFLE_WINDOW_BLOCKS = 256  # blocks shuffled together per part (256 x 256 tokens x 8 bytes = 0.5 MiB)
 PREFETCH_BATCHES = 16  # batches queued per DataLoader worker (torch's default: 2)

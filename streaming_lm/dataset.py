@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .checks import check_positive_int, is_int
-from .config import BLOCK_SIZE, GPT2_VOCAB_SIZE, SHUFFLE_WINDOW_BLOCKS
-from .packing import Block, RollingBuffer, check_block_size
+from .config import BLOCK_SIZE, GPT2_VOCAB_SIZE, PIECE_BATCH_ROWS, SHUFFLE_WINDOW_BLOCKS
+from .packing import Block, RollingBuffer, RowBatch, check_block_size
 from .parts import PartPlan, piece_order, plan_part
 from .resume import check_state
 
@@ -233,28 +233,42 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
             skip = 0
 
     def _rows(self, plan: PartPlan, cursor: Cursor) -> Iterator[Any]:
-        """The rows of the plan's pieces from `cursor` on, keeping every plan.step-th row."""
+        """The rows of the plan's pieces from `cursor` on, keeping every plan.step-th row (whole
+        pieces, step 1: in RowBatches of PIECE_BATCH_ROWS rows)."""
         for index in range(cursor.piece, len(plan.pieces)):
             if index != cursor.piece:
                 cursor.piece, cursor.stream = index, None
-            for row in self._piece_rows(plan.pieces[index], cursor):
+            for rows in self._piece_rows(
+                plan.pieces[index], cursor, 1 if plan.step > 1 else PIECE_BATCH_ROWS
+            ):
+                if plan.step == 1:
+                    cursor.row += len(rows)
+                    yield rows
+                    continue
                 keep = cursor.row % plan.step == plan.offset
                 cursor.row += 1
                 if keep:
-                    yield row
+                    yield rows[0]
 
-    def _piece_rows(self, piece: int, cursor: Cursor) -> Iterator[Any]:
-        """The rows of one piece, from the cursor's stream state (None: from its start)."""
+    def _piece_rows(self, piece: int, cursor: Cursor, batch_rows: int) -> Iterator[RowBatch]:
+        """The rows of one piece in RowBatches of up to `batch_rows`, from the cursor's stream state
+        (None: from its start)."""
         if not isinstance(self.stream, datasets.IterableDataset):
-            yield from itertools.islice(self.stream, cursor.row, None)  # one piece: rows counted from 0
+            rows = itertools.islice(self.stream, cursor.row, None)  # one piece: rows counted from 0
+            while batch := RowBatch(itertools.islice(rows, batch_rows)):
+                yield batch
             return
         part = self.stream.shard(num_shards=self.n_pieces, index=piece, contiguous=True)
         part.load_state_dict(cursor.stream)
         self._live["piece_stream"] = part
         # .iter() reads this piece in this process: plain iteration in a DataLoader worker would let
         # datasets split the piece among the workers again
-        for batch in part.iter(batch_size=1):
-            yield {key: values[0] for key, values in batch.items()}
+        for batch in part.iter(batch_size=batch_rows):
+            if "input_ids" not in batch:
+                raise ValueError(
+                    f"the tokenized stream has no 'input_ids' column; its columns are {sorted(batch)}"
+                )
+            yield RowBatch(batch["input_ids"])
 
     # ------------------------------------------------------------------ state
     def _position(self) -> Position:

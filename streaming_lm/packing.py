@@ -61,6 +61,12 @@ def check_id_range(rows: list[np.ndarray], first_index: int, vocab_size: int) ->
             raise ValueError(f"row {index}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
+class RowBatch(list):
+    """Token rows the packer reads together before it yields a block. A reader that takes rows
+    from its source a batch at a time hands them over as one RowBatch, so that between two blocks
+    the source's position is never inside rows the packer has not read (checkpoints stay exact)."""
+
+
 class RollingBuffer:
     """The packer's state: tokens read from the stream but not yet emitted in a block.
 
@@ -96,6 +102,10 @@ class RollingBuffer:
         return np.concatenate([self._buf[self._pos :], *self._pending], dtype=np.int64, casting="unsafe")
 
     def _read(self, row: Any) -> None:
+        if isinstance(row, RowBatch):  # read whole before any block is cut: see RowBatch
+            for one in row:
+                self._read(one)
+            return
         ids = as_id_array(token_ids(row, self.rows), self.rows)
         if ids.size == 0 and self.first_empty_row is None:
             self.first_empty_row = self.rows
