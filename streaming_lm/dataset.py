@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .checks import check_positive_int, is_int
-from .config import BLOCK_SIZE, GPT2_VOCAB_SIZE, PIECE_BATCH_ROWS, SHUFFLE_WINDOW_BLOCKS
-from .packing import Block, RollingBuffer, RowBatch, check_block_size
+from .config import BLOCK_SIZE, FILL_BLOCKS, GPT2_VOCAB_SIZE, PIECE_BATCH_ROWS, SHUFFLE_WINDOW_BLOCKS
+from .packing import Block, RollingBuffer, RowBatch, check_block_size, token_ids
 from .parts import PartPlan, piece_order, plan_part
 from .resume import check_state
 
@@ -91,11 +91,14 @@ def as_pieces(stream: Iterable[Any]) -> tuple[Iterable[Any], int]:
 @dataclass
 class Cursor:
     """Where a part is in its epoch: the piece (index into its plan), that piece's `datasets` state
-    (None: its start), and the rows of the part's sequence read so far (kept or skipped)."""
+    (None: its start), the rows of the part's sequence read so far (kept or skipped), and the rows
+    taken at a time from this piece (0: not chosen yet). The last must be kept: datasets' state
+    means another thing when the piece is read in batches of another size."""
 
     piece: int = 0
     stream: dict | None = None
     row: int = 0
+    batch: int = 0
 
 
 @dataclass
@@ -110,7 +113,8 @@ class Position:
     def as_state(self) -> dict:
         """The state_dict fields. Not dataclasses.asdict: it deep-copies the carry token by token
         (measured: 1.1 ms for 2,000 tokens, every batch a worker ships)."""
-        cursor = {"piece": self.cursor.piece, "stream": self.cursor.stream, "row": self.cursor.row}
+        c = self.cursor
+        cursor = {"piece": c.piece, "stream": c.stream, "row": c.row, "batch": c.batch}
         return {"cursor": cursor, "carry": self.carry, "blocks": self.blocks, "tokens": self.tokens}
 
 
@@ -234,13 +238,11 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
 
     def _rows(self, plan: PartPlan, cursor: Cursor) -> Iterator[Any]:
         """The rows of the plan's pieces from `cursor` on, keeping every plan.step-th row (whole
-        pieces, step 1: in RowBatches of PIECE_BATCH_ROWS rows)."""
+        pieces, step 1: in RowBatches, see `_batch_rows`)."""
         for index in range(cursor.piece, len(plan.pieces)):
             if index != cursor.piece:
-                cursor.piece, cursor.stream = index, None
-            for rows in self._piece_rows(
-                plan.pieces[index], cursor, 1 if plan.step > 1 else PIECE_BATCH_ROWS
-            ):
+                cursor.piece, cursor.stream, cursor.batch = index, None, 0
+            for rows in self._piece_rows(plan.pieces[index], cursor, whole_rows=plan.step == 1):
                 if plan.step == 1:
                     cursor.row += len(rows)
                     yield rows
@@ -250,25 +252,35 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
                 if keep:
                     yield rows[0]
 
-    def _piece_rows(self, piece: int, cursor: Cursor, batch_rows: int) -> Iterator[RowBatch]:
-        """The rows of one piece in RowBatches of up to `batch_rows`, from the cursor's stream state
-        (None: from its start)."""
+    def _batch_rows(self) -> int:
+        """Rows to take at a time: about FILL_BLOCKS blocks' worth of tokens (1 to PIECE_BATCH_ROWS),
+        from the mean row length so far. The packer holds a whole RowBatch before it cuts, so its
+        carried tokens, shipped with every state, stay about that small even for long documents."""
+        rows, tokens = self._live.get("seen", (0, 0))
+        if not rows or not tokens:
+            return 1
+        return max(1, min(PIECE_BATCH_ROWS, self.block_size * FILL_BLOCKS * rows // tokens))
+
+    def _piece_rows(self, piece: int, cursor: Cursor, whole_rows: bool) -> Iterator[RowBatch]:
+        """The rows of one piece in RowBatches (1 row each unless `whole_rows`), from the cursor's
+        stream state (None: from its start)."""
+        if not cursor.batch:
+            cursor.batch = self._batch_rows() if whole_rows else 1
+        batch_rows = cursor.batch
         if not isinstance(self.stream, datasets.IterableDataset):
-            rows = itertools.islice(self.stream, cursor.row, None)  # one piece: rows counted from 0
-            while batch := RowBatch(itertools.islice(rows, batch_rows)):
-                yield batch
-            return
-        part = self.stream.shard(num_shards=self.n_pieces, index=piece, contiguous=True)
-        part.load_state_dict(cursor.stream)
-        self._live["piece_stream"] = part
-        # .iter() reads this piece in this process: plain iteration in a DataLoader worker would let
-        # datasets split the piece among the workers again
-        for batch in part.iter(batch_size=batch_rows):
-            if "input_ids" not in batch:
-                raise ValueError(
-                    f"the tokenized stream has no 'input_ids' column; its columns are {sorted(batch)}"
-                )
-            yield RowBatch(batch["input_ids"])
+            source = itertools.islice(self.stream, cursor.row, None)  # one piece: rows counted from 0
+            batches = iter(lambda: RowBatch(itertools.islice(source, batch_rows)), RowBatch())
+        else:
+            part = self.stream.shard(num_shards=self.n_pieces, index=piece, contiguous=True)
+            part.load_state_dict(cursor.stream)
+            self._live["piece_stream"] = part
+            # .iter() reads this piece in this process: plain iteration in a DataLoader worker
+            # would let datasets split the piece among the workers again
+            batches = (RowBatch(batch["input_ids"]) for batch in part.iter(batch_size=batch_rows))
+        for batch in batches:
+            seen_rows, seen_tokens = self._live.get("seen", (0, 0))
+            self._live["seen"] = (seen_rows + len(batch), seen_tokens + sum(len(token_ids(r)) for r in batch))
+            yield batch
 
     # ------------------------------------------------------------------ state
     def _position(self) -> Position:
@@ -278,7 +290,8 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
         stream = live["piece_stream"].state_dict() if live.get("piece_stream") is not None else cursor.stream
         packer = live["packer"]
         carry = packer.carry().tolist()
-        return Position(Cursor(cursor.piece, stream, cursor.row), carry, packer.blocks, packer.tokens)
+        here = Cursor(cursor.piece, stream, cursor.row, cursor.batch)
+        return Position(here, carry, packer.blocks, packer.tokens)
 
     def state_dict(self) -> dict:
         """This part's restart point: config; `epoch` and `end_epoch` of the pass (None: endless);

@@ -70,8 +70,11 @@ def check_position(state: dict, config: dict, vocab_size: int) -> None:
             f"corrupt checkpoint: skip={state['skip']} > shuffle_window={config['shuffle_window']}"
         )
     cursor = state["cursor"]
-    if not isinstance(cursor, dict) or set(cursor) != {"piece", "stream", "row"}:
-        raise ValueError(f"corrupt checkpoint: cursor must hold piece, stream and row, got {cursor!r:.80}")
+    if not isinstance(cursor, dict) or set(cursor) != {"piece", "stream", "row", "batch"}:
+        raise ValueError(
+            f"corrupt checkpoint: cursor must hold piece, stream, row and batch, got {cursor!r:.80}"
+        )
+    _check_count("cursor.batch", cursor["batch"])
     _check_count("cursor.row", cursor["row"])
     _check_count("cursor.piece", cursor["piece"])
     if cursor["piece"] > config["pieces"]:

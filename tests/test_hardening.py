@@ -172,7 +172,7 @@ def test_checkpoint_refuses_swapped_or_edited_files_and_other_tokenizing(tmp_pat
         ("carry", [1, 2, 99999], "carry must be token ids"),
         ("carry", [1, "2"], "carry must be token ids"),
         ("blocks", -3, "blocks must be a non-negative int"),
-        ("cursor", {"piece": 99, "stream": None, "row": 0}, "cursor.piece=99"),
+        ("cursor", {"piece": 99, "stream": None, "row": 0, "batch": 1}, "cursor.piece=99"),
         ("skip", 10**6, "skip="),
         ("epoch", -1, "epoch must be"),
     ],
