@@ -18,7 +18,7 @@ Pipelines:
    tokenization, a Python list
    buffer cut with `buffer = buffer[block_size:]`, `torch.tensor` collate;
 3. ours with the default tokenizer (HF GPT2TokenizerFast);
-4. ours with the tiktoken backend;
+4. ours with the tiktoken backend, in order and shuffled (shuffle=True, default window);
 5. ours in 1 and in 2 DataLoader workers, both tokenizers (the workers share the pieces; these
    runs stream the corpus 3 times over to amortize the workers' start-up);
 6. the worker path: a pre-tokenized source through ours against a bare torch DataLoader shipping
@@ -53,9 +53,10 @@ SCALES = (1, 10, 100)  # the memory check streams each corpus this many times ov
 WORKER_REPEAT = 3  # the worker runs stream the corpus 3 times over
 
 
-def our_loader(stream, tokenizer, num_workers=0, batch_rows=C.TOKENIZE_BATCH_ROWS):
+def our_loader(stream, tokenizer, num_workers=0, batch_rows=C.TOKENIZE_BATCH_ROWS, shuffle=False):
     """The lab's pipeline: tokenize_stream -> StreamingLMIterableDataset -> make_dataloader."""
-    dataset = L.StreamingLMIterableDataset(L.tokenize_stream(stream, tokenizer, batch_rows=batch_rows))
+    tokens = L.tokenize_stream(stream, tokenizer, batch_rows=batch_rows)
+    dataset = L.StreamingLMIterableDataset(tokens, shuffle=shuffle)
     return L.make_dataloader(dataset, num_workers=num_workers)
 
 
@@ -116,6 +117,11 @@ def measure_speeds(corpora, repeats):
             (corpus, "seed-style pipeline (HF)", lambda s=stream: tokens_through(seed_style_loader(s, hf))),
             (corpus, "ours, HF", lambda s=stream: tokens_through(our_loader(s, hf))),
             (corpus, "ours, tiktoken", lambda s=stream: tokens_through(our_loader(s, fast))),
+            (
+                corpus,
+                "ours, tiktoken, shuffled",
+                lambda s=stream: tokens_through(our_loader(s, fast, shuffle=True)),
+            ),
         ]
         with_workers += [
             (
@@ -289,7 +295,8 @@ def table(speeds, memory, repeats):
         s = speeds[c]
         hf = s["ours, HF"] / s["tokenizer alone, HF"]
         tk = s["ours, tiktoken"] / s["tokenizer alone, tiktoken"]
-        line = f"- {c}: HF {hf:.2f}, tiktoken {tk:.2f}"
+        shuffled = s["ours, tiktoken, shuffled"] / s["ours, tiktoken"]
+        line = f"- {c}: HF {hf:.2f}, tiktoken {tk:.2f}; shuffled / in order (tiktoken) {shuffled:.2f}"
         if "ours, HF, 1 worker" in s:
             line += (
                 f"; 2 workers / 1 worker: HF {s['ours, HF, 2 workers'] / s['ours, HF, 1 worker']:.2f}x, "

@@ -146,7 +146,7 @@ def starts_document(text: str, layout: str = "wikitext") -> bool:
 
 
 def resolve_layout(stream: datasets.IterableDataset, layout: str = "auto") -> str:
-    """ "wikitext" for WikiText streams (the Hub's, the bundled sample), "rows" for anything else."""
+    """Document rule: "wikitext" for the Hub's WikiText and the bundled sample, else "rows"."""
     check_choice("layout", layout, LAYOUTS)
     if layout != "auto":
         return layout
