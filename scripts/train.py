@@ -6,7 +6,7 @@
 
 Defaults: CPU, the tiny model (2 layers, width 128), the bundled sample's train split, shuffled,
 endless epochs (training counts steps, so ranks and epochs never run out). Each step appends one
-JSON object to OUT/log.jsonl: step (1-based), loss, tokens, data_wait_s, step_s, epoch. Every
+JSON object to OUT/log.jsonl: step (1-based), loss, tokens, data_wait_s, step_s. Every
 K steps OUT/checkpoint.pt gets the model, optimizer, schedule, loader state (stream position and
 carried tokens of every worker) and RNG states, written to a temporary file and renamed, so a
 crash at any moment, even during the write, leaves the previous checkpoint whole. --resume
