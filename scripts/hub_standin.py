@@ -94,21 +94,21 @@ class Faults:
         self.lock = threading.Lock()
         self.requests = self.file_responses = self.cut = self.statuses = 0
 
+    def _tick(self, counter: str, hits: str, every: int) -> bool:
+        """Count one more `counter`; True (and one more `hits`) on every `every`-th (0: never)."""
+        with self.lock:
+            setattr(self, counter, getattr(self, counter) + 1)
+            hit = bool(every) and getattr(self, counter) % every == 0
+            setattr(self, hits, getattr(self, hits) + hit)
+            return hit
+
     def next_request(self) -> bool:
         """True if this request gets the fault status."""
-        with self.lock:
-            self.requests += 1
-            hit = bool(self.status_every) and self.requests % self.status_every == 0
-            self.statuses += hit
-            return hit
+        return self._tick("requests", "statuses", self.status_every)
 
     def next_file_response(self) -> bool:
         """True if this file response is cut off mid-body."""
-        with self.lock:
-            self.file_responses += 1
-            hit = bool(self.fail_every) and self.file_responses % self.fail_every == 0
-            self.cut += hit
-            return hit
+        return self._tick("file_responses", "cut", self.fail_every)
 
     def summary(self) -> str:
         return (
@@ -135,27 +135,27 @@ def make_handler(repo: Repo, faults: Faults):
             form = self.rfile.read(length).decode()
             self.answer(body=True, form=form)
 
-        def send_json(self, value, status=200):
+        def send_json(self, value, status=200, headers=None):
             data = json.dumps(value).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("X-Repo-Commit", repo.sha)
+            for name, text in {
+                "Content-Type": "application/json",
+                "Content-Length": str(len(data)),
+                "X-Repo-Commit": repo.sha,
+                **(headers or {}),
+            }.items():
+                self.send_header(name, text)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
 
-        def send_error_json(self, status, message):
-            self.send_response(status)
-            data = json.dumps({"error": message}).encode()
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("X-Error-Message", message)
+        def send_error_json(self, status, message, code=None):
+            headers = {"X-Error-Message": message}
+            if code:
+                headers["X-Error-Code"] = code  # huggingface_hub reads EntryNotFound from it
             if status in (429, 503):
-                self.send_header("Retry-After", "1")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+                headers["Retry-After"] = "1"
+            self.send_json({"error": message}, status, headers)
 
         def answer(self, body, form=""):
             if faults.delay:
@@ -208,11 +208,7 @@ def make_handler(repo: Repo, faults: Faults):
         def send_file(self, path, body):
             full = repo.folder / path
             if path not in repo.files:
-                self.send_response(404)
-                self.send_header("X-Error-Code", "EntryNotFound")
-                self.send_header("X-Error-Message", f"{path} not found")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.send_error_json(404, f"{path} not found", code="EntryNotFound")
                 return
             data = full.read_bytes()
             start, end = 0, len(data) - 1
