@@ -11,18 +11,27 @@
     model = L.make_model()                                   #    streaming_lm/training.py
 
 The logic lives in the `streaming_lm` package, one module per step; this file only re-exports it.
-Who reads what (ranks, workers, shuffled pieces) is streaming_lm/parts.py; checkpoint checks are
-streaming_lm/resume.py; baselines for comparison (the seed-style pipeline, the naive wrapper) are
-streaming_lm/baselines.py.
+Who reads what (ranks, workers, shuffled pieces, elastic re-plans) is streaming_lm/parts.py; how a
+part reads is streaming_lm/reading.py; the checkpoint's schema is streaming_lm/state.py; mixtures
+of several sources are streaming_lm/mixing.py; baselines for comparison (the seed-style pipeline,
+the naive wrapper) are streaming_lm/baselines.py.
 """
 
 from streaming_lm.baselines import NaiveDataset, seed_style_loader
 from streaming_lm.config import BATCH_SIZE, BLOCK_SIZE, DATASET_CONFIG, DATASET_NAME, EOS_TOKEN_ID
 from streaming_lm.dataset import StreamingLMIterableDataset, progress_by_part
 from streaming_lm.loader import collate_fn, make_dataloader
-from streaming_lm.measure import measure_throughput, plot_token_lengths, sample_stats, shuffle_quality
+from streaming_lm.measure import (
+    measure_throughput,
+    plot_token_lengths,
+    sample_stats,
+    shuffle_quality,
+    unigram_cross_entropy,
+)
+from streaming_lm.mixing import mix_streams
 from streaming_lm.packing import group_texts_streaming
 from streaming_lm.source import load_text_stream
+from streaming_lm.state import gather_states
 from streaming_lm.tokenize import load_tokenizer, starts_document, tokenize_stream
 from streaming_lm.training import evaluate, make_model, make_optimizer, train_steps
 
@@ -36,6 +45,7 @@ __all__ = [
     "StreamingLMIterableDataset",
     "collate_fn",
     "evaluate",
+    "gather_states",
     "group_texts_streaming",
     "load_text_stream",
     "load_tokenizer",
@@ -43,6 +53,7 @@ __all__ = [
     "make_model",
     "make_optimizer",
     "measure_throughput",
+    "mix_streams",
     "plot_token_lengths",
     "progress_by_part",
     "sample_stats",
@@ -51,4 +62,5 @@ __all__ = [
     "starts_document",
     "tokenize_stream",
     "train_steps",
+    "unigram_cross_entropy",
 ]

@@ -80,9 +80,7 @@ def make_loader(args):
     tokens = L.tokenize_stream(L.load_text_stream("local"), L.load_tokenizer(backend=args.backend))
     dataset = L.StreamingLMIterableDataset(tokens, args.block_size, shuffle=True, seed=args.seed, epochs=None)
     pin = args.device == "cuda"
-    return L.make_dataloader(
-        dataset, args.batch_size, args.num_workers, pin_memory=pin, snapshot_every_n_steps=1
-    )
+    return L.make_dataloader(dataset, args.batch_size, args.num_workers, pin_memory=pin)
 
 
 def rng_states():

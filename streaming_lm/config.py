@@ -14,29 +14,39 @@ DATASET_REPO = "Salesforce/wikitext"
 DATASET_CONFIG = "wikitext-103-v1"
 DATASET_SPLIT = "train"
 TEXT_COLUMN = "text"
+# The WikiText family: its four configs share the article layout (" = Title = " rows, blank rows)
+WIKITEXT_CONFIGS = ("wikitext-103-v1", "wikitext-103-raw-v1", "wikitext-2-v1", "wikitext-2-raw-v1")
 
 EOS_TOKEN_ID = 50256  # GPT-2 <|endoftext|>: document separator and padding id
+EOS_TOKEN = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257  # ids 0..50256
 IGNORE_INDEX = -100  # label of padding: ignored by torch.nn.functional.cross_entropy
 
-TOKENIZE_BATCH_ROWS = 1000  # rows per batch of the lazy map (256: 10-20 % slower on WikiText rows)
-TOKENIZE_CHARS = 1_000_000  # characters per tokenizer call at most (one longer text goes alone)
-TOKENIZE_BATCH_CHARS = 4_000_000  # characters per map batch, about: fewer rows when rows are long
+TOKENIZE_BATCH_ROWS = 1000  # rows read and tokenized together (fewer when rows are long, see below)
+TOKENIZE_BATCH_CHARS = 4_000_000  # characters per tokenizing batch, about: fewer rows when rows are long
+TOKENIZE_CHARS = 1_000_000  # characters per tokenizer call, about, for the fallback paths' Python lists
 SAMPLE_BYTES = 1 << 20  # bytes read from a text/JSON file to estimate its row length
-PIECE_BATCH_ROWS = 64  # rows the dataset takes from a piece at a time (1 at a time: 2x the overhead)
-FILL_BLOCKS = 8  # the packer joins rows once per 8 blocks' worth of tokens: few numpy calls, small carry
+LAYOUT_PEEK_ROWS = 50  # rows of a stream's first piece read to decide its document rule ("auto")
 SHUFFLE_WINDOW_BLOCKS = 256  # blocks shuffled together per part (256 x 256 tokens x 8 bytes = 0.5 MiB)
-PREFETCH_BATCHES = 16  # batches queued per DataLoader worker (torch's default: 2)
+TRANSFER_BATCHES = 8  # batches a DataLoader worker ships per transfer (one numpy array, ~0.3 ms)
+PREFETCH_TRANSFERS = 2  # transfers queued per DataLoader worker (torch's default prefetch_factor)
+MIX_STRATUM_BLOCKS = 100  # a mixture draws its sources in strata of 100 blocks: shares exact per stratum
+
 HUB_PROBE_SECONDS = 5.0  # seconds: give up on the Hub after this long (datasets alone retries ~25 s)
 HUB_RETRIES = 4  # load_dataset attempts after the first when the Hub answers 429 or 5xx
 HUB_RETRY_SECONDS = 1.0  # the first wait; it doubles each time (1 + 2 + 4 + 8 s at most)
 HUB_RETRY_STATUSES = (429, 500, 502, 503, 504)  # rate limited or briefly unavailable
+HUB_READ_DEADLINE_SECONDS = 60.0  # seconds a stream keeps retrying a Hub that went away, at most
+HUB_READ_RETRY_SECONDS = 2.0  # seconds between two such retries
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATA_DIR = ROOT / "data"
 TOKENIZER_DIR = DATA_DIR / "gpt2_tokenizer"  # vocab.json + merges.txt, byte-identical to the Hub's gpt2
 SAMPLE_DIR = DATA_DIR / "wikitext_sample"  # Moby-Dick laid out like the Hub's Salesforce/wikitext
 SAMPLE_FILES = "wikitext-103-v1/{split}-*.parquet"  # per split, as on the Hub
+SOTU_FILE = (
+    DATA_DIR / "sotu" / "sotu_1790_1815.jsonl"
+)  # a second small source: 26 State of the Union addresses
 
 SOURCES = ("auto", "hub", "local")
 LAYOUTS = ("auto", "wikitext", "rows")

@@ -1,36 +1,38 @@
 """Step 4, the dataset: fixed-length LM blocks as a torch IterableDataset, exactly once per epoch
-across DataLoader workers, distributed ranks and resumes, with optional shuffling.
+across DataLoader workers, distributed ranks and resumes, with optional shuffling and mixtures.
 
 Who reads what is `parts.py`: each (rank, worker) part reads whole pieces of the stream (files or
-parquet row groups, from `datasets`' `reshard()`), tokenizes only those, and packs them with its own
-RollingBuffer. With `shuffle=True` the piece order changes every epoch (from seed and epoch), and
-blocks are shuffled within windows of `shuffle_window` consecutive blocks of a part.
+parquet row groups), tokenizes only those, and packs them with its own rolling buffer
+(`reading.PartReader`). With `shuffle=True` the piece order changes every epoch (from seed and
+epoch), and blocks are shuffled within windows of `shuffle_window` consecutive blocks of a part.
 
-The checkpoint is small whatever the window: `state_dict()` stores where the current window began
-(piece, `datasets` stream state, the packer's carried tokens) and how many of its blocks were
-emitted; a resumed part re-reads that window from its start, draws the same permutation and skips
-what was emitted. Without shuffling the restart point is simply the current position.
+`state_dict()` is the checkpoint envelope of `state.py`: per part, positions in the corpus (no
+tokens), so it stays a few KB whatever the window. `load_state_dict()` verifies it (format,
+version, digests, settings, and every position against its plan) before a token is read; a state
+saved with other ranks or workers is re-planned (`parts.replan`): every token of the interrupted
+epochs still lands exactly once.
 """
 
-import contextlib
-import itertools
+import copy
+import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 
 from .checks import check_positive_int, is_int
-from .config import BLOCK_SIZE, FILL_BLOCKS, GPT2_VOCAB_SIZE, PIECE_BATCH_ROWS, SHUFFLE_WINDOW_BLOCKS
-from .packing import Block, RollingBuffer, RowBatch, check_block_size, token_ids
-from .parts import PartPlan, piece_order, plan_part
-from .resume import check_state
+from .config import BLOCK_SIZE, GPT2_VOCAB_SIZE, SHUFFLE_WINDOW_BLOCKS
+from .packing import check_block_size
+from .parts import Layout, PartState, fresh_state, replan
+from .reading import PartReader, Settings, TokenSource, as_token_source
+from .state import MAY_CHANGE, open_state, seal
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()  # messages logged once per process
+MAIN = "main"  # the name of the one source of a dataset that is not a mixture
 
 
 def warn_once(message: str) -> None:
@@ -64,64 +66,60 @@ def worker_slot() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def describe_source(stream: Any) -> dict[str, Any]:
-    """What a checkpoint must match: the stream's provenance (files with size and modification
-    time, tokenizer, layout; set by load_text_stream and tokenize_stream), else a short name."""
-    provenance = getattr(stream, "provenance", None)
-    if provenance:
-        return dict(provenance)
-    if isinstance(stream, datasets.IterableDataset):
-        info = stream.info
-        name = "/".join(filter(None, [info.builder_name, info.config_name])) or "in-memory stream"
-        return {"source": info.description or f"{name}, {stream.num_shards} shards"}
-    size = f", {len(stream)} rows" if hasattr(stream, "__len__") else ""
-    return {"source": f"{type(stream).__name__}{size}"}
-
-
-def as_pieces(stream: Iterable[Any]) -> tuple[Iterable[Any], int]:
-    """(stream, number of pieces): a datasets stream resharded (parquet: one piece per row group),
-    or any other iterable as one piece."""
-    if not isinstance(stream, datasets.IterableDataset):
-        return stream, 1
-    with contextlib.suppress(NotImplementedError):  # not splittable further: its shards are the pieces
-        stream = stream.reshard()
-    return stream, stream.num_shards
-
-
 @dataclass
-class Cursor:
-    """Where a part is in its epoch: the piece (index into its plan), that piece's `datasets` state
-    (None: its start), the rows of the part's sequence read so far (kept or skipped), and the rows
-    taken at a time from this piece (0: not chosen yet). The last must be kept: datasets' state
-    means another thing when the piece is read in batches of another size."""
+class Snapshot:
+    """A part's state between two blocks: per source a PartState, and a mixture's draws (or None)."""
 
-    piece: int = 0
-    stream: dict | None = None
-    row: int = 0
-    batch: int = 0
+    rank: int
+    worker: int
+    sources: dict[str, PartState]
+    mix: dict | None = None
+
+    def to_dict(self) -> dict:
+        sources = {name: s.to_dict() for name, s in self.sources.items()}
+        return {"rank": self.rank, "worker": self.worker, "sources": sources, "mix": self.mix}
+
+    @property
+    def ended(self) -> bool:
+        return all(s.ended for s in self.sources.values())
+
+    def carrying(self, done: "Snapshot") -> "Snapshot":
+        """This (fresh) snapshot with the last completed epoch of `done`, for progress reports."""
+        sources = {
+            name: dataclasses.replace(s, last_epoch=done.sources[name].last_epoch)
+            for name, s in self.sources.items()
+        }
+        return Snapshot(self.rank, self.worker, sources, self.mix)
 
 
-@dataclass
-class Position:
-    """A restart point: the cursor plus the packer's carried tokens and counters there."""
+class PassReader:
+    """One part's pass over one source: epochs from its state's to `end` (None: endless)."""
 
-    cursor: Cursor = field(default_factory=Cursor)
-    carry: list[int] = field(default_factory=list)
-    blocks: int = 0
-    tokens: int = 0
+    def __init__(self, reader: PartReader, start: int, end: int | None) -> None:
+        self.reader, self.start, self.end = reader, start, end
 
-    def as_state(self) -> dict:
-        """The state_dict fields. Not dataclasses.asdict: it deep-copies the carry token by token
-        (measured: 1.1 ms for 2,000 tokens, every batch a worker ships)."""
-        c = self.cursor
-        cursor = {"piece": c.piece, "stream": c.stream, "row": c.row, "batch": c.batch}
-        return {"cursor": cursor, "carry": self.carry, "blocks": self.blocks, "tokens": self.tokens}
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Up to n blocks ((m, T) ids, (m, T) mask); None when the pass is over."""
+        reader = self.reader
+        while not reader.ended:
+            out = reader.take(n)
+            if out is not None:
+                return out
+            if self.end is not None and reader.epoch + 1 >= self.end:
+                reader.ended = True
+                return None
+            reader.next_epoch()
+        return None
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.reader.rank, self.reader.worker, {MAIN: self.reader.state()})
 
 
 class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
     """Step 4: yields dicts of `input_ids` and `attention_mask`, each (block_size,) int64.
 
-    tokenized_stream: `tokenize_stream` output (or any re-iterable of `input_ids` rows).
+    tokenized_stream: `tokenize_stream` output, `mix_streams` output, a datasets stream with an
+        `input_ids` column, or any re-iterable of token rows.
     rank, world_size: this process's part (default: torch.distributed's, else 0 of 1).
     pad_last: pad each part's final partial block per epoch (mask 0) instead of dropping it.
     shuffle, seed: shuffle the piece order per epoch and blocks within windows, from (seed, epoch).
@@ -131,7 +129,7 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        tokenized_stream: Iterable[Any],
+        tokenized_stream: Any,
         block_size: int = BLOCK_SIZE,
         *,
         pad_last: bool = False,
@@ -143,234 +141,325 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
         epochs: int | None = 1,
         vocab_size: int = GPT2_VOCAB_SIZE,
     ) -> None:
-        self.block_size, self.pad_last, self.vocab_size = check_block_size(block_size), pad_last, vocab_size
-        self.rank, self.world_size = resolve_rank(rank, world_size)
         if not is_int(seed):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        self.shuffle, self.seed = bool(shuffle), int(seed)
-        self.shuffle_window = check_positive_int("shuffle_window", shuffle_window)
         if epochs is not None:
             epochs = check_positive_int("epochs (a positive int, or None for endless)", epochs)
-        self.epochs = epochs
-        self.source = describe_source(tokenized_stream)
-        self.stream, self.n_pieces = as_pieces(tokenized_stream)
-        weights = getattr(tokenized_stream, "piece_weights", None)
-        self.piece_weights = weights if weights is not None and len(weights) == self.n_pieces else None
-        self.epoch = 0
-        self._resume: dict | None = None  # a state loaded by load_state_dict, for the next pass
-        self._end: int | None = None  # the epoch the current pass stops before (None: endless)
-        self._live: dict[str, Any] = {}  # the current pass: epoch, cursor, packer, window, piece stream
+        self.settings = Settings(
+            block_size=check_block_size(block_size),
+            pad_last=bool(pad_last),
+            shuffle=bool(shuffle),
+            seed=int(seed),
+            shuffle_window=check_positive_int("shuffle_window", shuffle_window),
+            epochs=epochs,
+            vocab_size=vocab_size,
+        )
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.mixture = getattr(tokenized_stream, "is_mixture", False) and tokenized_stream
+        streams = tokenized_stream.streams if self.mixture else {MAIN: tokenized_stream}
+        self.sources: dict[str, TokenSource] = {name: as_token_source(s) for name, s in streams.items()}
+        if self.mixture:
+            self.mixture.check(self.settings)
+        self.source = self._settings()["sources"]  # reads each source's pieces and document rule now
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # seen by persistent workers
+        self._control: dict[str, Any] = {"resume": None}  # shared with a loader's view of this dataset
+        self.shipping: Any = None  # set on a loader's view: what to ship (loader.py)
+        self._live: Any = None  # the pass being read directly in this process (for state_dict)
+
+    # ------------------------------------------------------------------ epochs
+    @property
+    def epoch(self) -> int:
+        """The epoch the next pass starts at."""
+        return int(self._epoch[0])
+
+    @property
+    def epochs(self) -> int | None:
+        return self.settings.epochs
 
     def set_epoch(self, epoch: int) -> None:
-        """Start the next pass at `epoch` (shuffling draws its orders from seed and epoch)."""
+        """Start the next pass at `epoch` (shuffling draws its orders from seed and epoch); seen by
+        persistent DataLoader workers too."""
         if not is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = int(epoch)
+        self._epoch[0] = int(epoch)
+
+    def view(self, shipping: Any) -> "StreamingLMIterableDataset":
+        """This dataset as a DataLoader iterates it for `make_dataloader` (shipping batches): it
+        shares the epoch and the resume to come."""
+        other = copy.copy(self)
+        other.shipping, other._live = shipping, None
+        other._control = {"resume": self._control["resume"]}  # its own slot (its workers take it along)
+        return other
 
     # ------------------------------------------------------------------ iteration
-    def __iter__(self) -> Iterator[Block]:
-        resume, self._resume = self._resume, None
-        epoch, start, skip = self.epoch, Position(), 0
-        end = None if self.epochs is None else epoch + self.epochs
-        if resume is not None:
-            epoch, end, skip = resume["epoch"], resume["end_epoch"], resume["skip"]
-            cursor = Cursor(**resume["cursor"])
-            start = Position(cursor, resume["carry"], resume["blocks"], resume["tokens"])
-        self._end = end
-        while end is None or epoch < end:
-            yield from self._epoch_blocks(epoch, start, skip)
-            packer = self._live["packer"]
-            done = {
-                "epoch": epoch,
-                "blocks": packer.blocks,
-                "tokens": packer.tokens,
-                "dropped": packer.dropped,
-            }
-            epoch, start, skip = epoch + 1, Position(), 0
-            self._live = {"epoch": epoch, "last_epoch": done}  # between epochs: the next starts afresh
-
-    def _last(self) -> dict:
-        return {"last_epoch": self._live["last_epoch"]} if self._live.get("last_epoch") else {}
-
-    def _plan(self, epoch: int) -> PartPlan:
+    def __iter__(self) -> Iterator[Any]:
         worker, num_workers = worker_slot()
-        order = piece_order(self.n_pieces, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
-        plan = plan_part(order, self.rank, self.world_size, worker, num_workers, self.piece_weights)
-        if plan.step > 1 and self.n_pieces < self.world_size * num_workers:
-            warn_once(
-                f"the stream has {self.n_pieces} piece(s) (files or parquet row groups) for "
-                f"{self.world_size} rank(s) x {num_workers} worker(s): parts share pieces and keep every "
-                f"{plan.step}-th row, so each tokenizes text it does not keep. Fix: more files, or parquet "
-                "files with row groups (each row group is a piece)"
-            )
-        return plan
-
-    def _epoch_blocks(self, epoch: int, start: Position, skip: int) -> Iterator[Block]:
-        """One epoch of this part's blocks, from restart point `start`, `skip` blocks into its window."""
-        plan, cursor = self._plan(epoch), start.cursor
-        packer = RollingBuffer(
-            self.block_size, start.carry, start.blocks, start.tokens, vocab_size=self.vocab_size
-        )
-        self._live = {
-            "epoch": epoch,
-            "cursor": cursor,
-            "packer": packer,
-            "piece_stream": None,
-            **self._last(),
-        }
-        blocks = packer.pack(self._rows(plan, cursor), pad_last=self.pad_last)
-        if not self.shuffle:
-            yield from blocks
+        reader = self.open_pass(worker, num_workers)
+        if self.shipping is not None:
+            yield from self.shipping.ship(reader, worker)
             return
-        worker, _ = worker_slot()
-        while True:
-            restart = self._position()  # where this window begins: a resume re-reads it from here
-            window = list(itertools.islice(blocks, self.shuffle_window))
-            if not window:
-                return
-            # the window's first block number names it: the same permutation after a resume
-            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, restart.blocks])
-            order = rng.permutation(len(window))
-            for emitted in range(skip, len(window)):
-                self._live["window"] = (restart, emitted + 1)
-                yield window[order[emitted]]
-            skip = 0
+        self._live = reader
+        while (out := reader.take(1)) is not None:
+            yield {"input_ids": out[0][0], "attention_mask": out[1][0]}
 
-    def _rows(self, plan: PartPlan, cursor: Cursor) -> Iterator[Any]:
-        """The rows of the plan's pieces from `cursor` on, keeping every plan.step-th row (whole
-        pieces, step 1: in RowBatches, see `_batch_rows`)."""
-        for index in range(cursor.piece, len(plan.pieces)):
-            if index != cursor.piece:
-                cursor.piece, cursor.stream, cursor.batch = index, None, 0
-            for rows in self._piece_rows(plan.pieces[index], cursor, whole_rows=plan.step == 1):
-                if plan.step == 1:
-                    cursor.row += len(rows)
-                    yield rows
-                    continue
-                keep = cursor.row % plan.step == plan.offset
-                cursor.row += 1
-                if keep:
-                    yield rows[0]
+    def layout(self, name: str, num_workers: int, world_size: int | None = None) -> Layout:
+        """How source `name`'s pieces are dealt to world_size x num_workers parts."""
+        source = self.sources[name]
+        return Layout(
+            source.n_pieces,
+            world_size or self.world_size,
+            num_workers,
+            source.piece_weights,
+            self.settings.shuffle,
+            self.settings.seed,
+        )
 
-    def _batch_rows(self) -> int:
-        """Rows to take at a time: about FILL_BLOCKS blocks' worth of tokens (1 to PIECE_BATCH_ROWS),
-        from the mean row length so far. The packer holds a whole RowBatch before it cuts, so its
-        carried tokens, shipped with every state, stay about that small even for long documents."""
-        rows, tokens = self._live.get("seen", (0, 0))
-        if not rows or not tokens:
-            return 1
-        return max(1, min(PIECE_BATCH_ROWS, self.block_size * FILL_BLOCKS * rows // tokens))
+    def open_pass(self, worker: int, num_workers: int) -> Any:
+        """The reader of part (rank, worker) for the next pass: fresh at `epoch`, or resumed."""
+        resume, self._control["resume"] = self._control["resume"], None
+        start, end = self._pass_bounds(resume)
+        states = self.start_states(worker, num_workers, resume)
+        label = f"part rank {self.rank} worker {worker}"
+        readers = {}
+        for name, state in states.sources.items():
+            where = label if not self.mixture else f"{label} of source {name!r}"
+            layout = self.layout(name, num_workers)
+            readers[name] = PartReader(self.sources[name], self.settings, layout, state, where)
+            self._warn_shared(layout, name)
+        if self.mixture:
+            return self.mixture.pass_reader(readers, start, end, states.mix, self.settings)
+        return PassReader(readers[MAIN], start, end)
 
-    def _piece_rows(self, piece: int, cursor: Cursor, whole_rows: bool) -> Iterator[RowBatch]:
-        """The rows of one piece in RowBatches (1 row each unless `whole_rows`), from the cursor's
-        stream state (None: from its start)."""
-        if not cursor.batch:
-            cursor.batch = self._batch_rows() if whole_rows else 1
-        batch_rows = cursor.batch
-        if not isinstance(self.stream, datasets.IterableDataset):
-            source = itertools.islice(self.stream, cursor.row, None)  # one piece: rows counted from 0
-            batches = iter(lambda: RowBatch(itertools.islice(source, batch_rows)), RowBatch())
+    def _pass_bounds(self, resume: dict | None) -> tuple[int, int | None]:
+        if resume is not None:
+            return resume["pass"]["start"], resume["pass"]["end"]
+        start = self.epoch
+        return start, None if self.settings.epochs is None else start + self.settings.epochs
+
+    def start_states(
+        self, worker: int, num_workers: int, resume: dict | None = None, epoch: int | None = None
+    ) -> Snapshot:
+        """Where part (rank, worker) starts its next pass, at `epoch` (default: the dataset's) or
+        from `resume` (pure: the loader computes it too)."""
+        if resume is None:
+            start = self.epoch if epoch is None else epoch
+            sources = {
+                name: fresh_state(self.layout(name, num_workers), start, self.rank, worker)
+                for name in self.sources
+            }
+            mix = self.mixture.fresh_mix(self.rank, worker) if self.mixture else None
+            return Snapshot(self.rank, worker, sources, mix)
+        return self._resumed(resume, worker, num_workers)
+
+    def _resumed(self, resume: dict, worker: int, num_workers: int) -> Snapshot:
+        """Part (rank, worker)'s share of a verified state: its own part, or a re-plan."""
+        layout = resume["layout"]
+        saved_ranks, saved_workers = layout["ranks"], layout["num_workers"]
+        parts = {(p["rank"], p["worker"]): p for p in resume["parts"]}
+        same = layout["world_size"] == self.world_size and saved_workers == num_workers
+        if same and self.rank in saved_ranks:
+            part = parts[(self.rank, worker)]
+            sources = {name: PartState.from_dict(s) for name, s in part["sources"].items()}
+            return Snapshot(self.rank, worker, sources, part["mix"])
+        if layout["world_size"] == self.world_size and self.rank in saved_ranks:
+            old = [p for (r, _), p in sorted(parts.items()) if r == self.rank]
+            ranks = [
+                self.rank
+            ]  # only the workers changed: this rank's parts are re-planned among its workers
         else:
-            part = self.stream.shard(num_shards=self.n_pieces, index=piece, contiguous=True)
-            part.load_state_dict(cursor.stream)
-            self._live["piece_stream"] = part
-            # .iter() reads this piece in this process: plain iteration in a DataLoader worker
-            # would let datasets split the piece among the workers again
-            batches = (RowBatch(batch["input_ids"]) for batch in part.iter(batch_size=batch_rows))
-        for batch in batches:
-            seen_rows, seen_tokens = self._live.get("seen", (0, 0))
-            self._live["seen"] = (seen_rows + len(batch), seen_tokens + sum(len(token_ids(r)) for r in batch))
-            yield batch
+            self._check_layout(layout)
+            old = [p for _, p in sorted(parts.items())]
+            ranks = list(range(self.world_size))
+        sources = {}
+        for name in self.sources:
+            states = [PartState.from_dict(p["sources"][name]) for p in old]
+            saved = self.layout(name, saved_workers, layout["world_size"])
+            sources[name] = replan(states, saved, self.layout(name, num_workers), self.rank, worker, ranks)
+        mix = self.mixture.replanned_mix([p["mix"] for p in old], self.rank, worker) if self.mixture else None
+        logger.info("part rank %d worker %d: re-planned from %d saved parts", self.rank, worker, len(old))
+        return Snapshot(self.rank, worker, sources, mix)
+
+    def _warn_shared(self, layout: Layout, name: str) -> None:
+        if layout.shares_pieces():
+            warn_once(
+                f"the stream{'' if name == MAIN else ' ' + repr(name)} has {layout.n_pieces} piece(s) "
+                f"(files or parquet row groups) for {layout.world_size} rank(s) x {layout.num_workers} "
+                "worker(s): parts "
+                "share pieces and keep every k-th row, so each tokenizes text it does not keep. Fix: more "
+                "files, or parquet files with row groups (each row group is a piece)"
+            )
 
     # ------------------------------------------------------------------ state
-    def _position(self) -> Position:
-        """The current position of the live pass (between two yields of the packer)."""
-        live = self._live
-        cursor = live["cursor"]
-        stream = live["piece_stream"].state_dict() if live.get("piece_stream") is not None else cursor.stream
-        packer = live["packer"]
-        carry = packer.carry().tolist()
-        here = Cursor(cursor.piece, stream, cursor.row, cursor.batch)
-        return Position(here, carry, packer.blocks, packer.tokens)
+    def _settings(self) -> dict:
+        sources = {
+            name: {"identity": source.identity, "pieces": source.n_pieces}
+            for name, source in self.sources.items()
+        }
+        mixture = self.mixture.config() if self.mixture else None
+        return {**self.settings.to_dict(), "sources": sources, "mixture": mixture}
+
+    def envelope(
+        self, parts: list[Snapshot], num_workers: int, start: int, end: int | None, loader: dict | None = None
+    ) -> dict:
+        """The checkpoint of `parts` of this rank (state.py's schema)."""
+        layout = {"world_size": self.world_size, "num_workers": num_workers, "ranks": [self.rank]}
+        return seal(
+            self._settings(), layout, {"start": start, "end": end}, [p.to_dict() for p in parts], loader
+        )
 
     def state_dict(self) -> dict:
-        """This part's restart point: config; `epoch` and `end_epoch` of the pass (None: endless);
-        the position where the current shuffle window began (`cursor`: piece, `datasets` state and
-        rows read; `carry`: tokens read, not yet emitted; `blocks`, `tokens`: emitted before it) and
-        `skip`, the blocks of that window already emitted. Without shuffling: the current position.
-        `dropped`: tokens dropped at this epoch's end (pad_last=False); `last_epoch`: blocks, tokens
-        and dropped tokens of the last epoch this pass completed (None before)."""
-        if self._resume is not None:
-            return self._resume
-        live = self._live
-        epoch = live.get("epoch", self.epoch)
-        end = self._end if live else (None if self.epochs is None else epoch + self.epochs)
-        position, skip = Position(), 0
-        if "packer" in live:
-            position, skip = live["window"] if self.shuffle and "window" in live else (self._position(), 0)
-        dropped = live["packer"].dropped if "packer" in live else 0
-        return {
-            **self._config(),
-            "epoch": epoch,
-            "end_epoch": end,
-            **position.as_state(),
-            "skip": skip,
-            "dropped": dropped,
-            "last_epoch": live.get("last_epoch"),
-        }
+        """The checkpoint of this dataset iterated directly in this process (one part): where its
+        pass is, or where the next pass starts. (A DataLoader's state: `loader.state_dict()`.)"""
+        resume = self._control["resume"]
+        if resume is not None:
+            return resume
+        if self._live is not None:
+            return self.envelope([self._live.snapshot()], 1, *self._live_bounds())
+        start, end = self._pass_bounds(None)
+        return self.envelope([self.start_states(0, 1)], 1, start, end)
+
+    def _live_bounds(self) -> tuple[int, int | None]:
+        return self._live.start, self._live.end
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume the next pass from `state`; refuses a state saved with another configuration or
-        with a corrupt field (ValueError naming it)."""
-        self._resume = check_state(state, self._config(), self.vocab_size)
+        """Resume the next pass from `state`: refused (ValueError naming the field) if it is not a
+        whole checkpoint of this version, was saved with other settings or data, or holds a position
+        its plan cannot have."""
+        self._control["resume"] = self.check(state)
+        self._live = None
 
-    def _config(self) -> dict:
-        worker, num_workers = worker_slot()
-        return {
-            "block_size": self.block_size,
-            "pad_last": self.pad_last,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "worker": [worker, num_workers],
-            "pieces": self.n_pieces,
-            "shuffle": self.shuffle,
-            "seed": self.seed,
-            "shuffle_window": self.shuffle_window,
-            "source": self.source,
-        }
+    def check(self, state: Any) -> dict:
+        """`state` verified for this dataset (see `load_state_dict`)."""
+        state = open_state(state)
+        wrong = list(_mismatches(state["settings"], self._settings(), "settings"))
+        if wrong:
+            raise ValueError(
+                "this checkpoint cannot resume this dataset; it was saved with other settings or data:\n  "
+                + "\n  ".join(wrong)
+                + f"\nthese must be as they were when it was saved; may change: {MAY_CHANGE}"
+            )
+        self._check_layout(state["layout"])
+        self._check_positions(state)
+        return state
+
+    def _check_layout(self, layout: dict) -> None:
+        """ValueError if this rank cannot take its share from the parts saved (see `_resumed`)."""
+        mine = layout["world_size"] == self.world_size and self.rank in layout["ranks"]
+        every = sorted(layout["ranks"]) == list(range(layout["world_size"]))
+        if not (mine or every):
+            raise ValueError(
+                f"this checkpoint holds the parts of rank(s) {layout['ranks']} of {layout['world_size']}; "
+                f"resuming rank {self.rank} of {self.world_size} needs the parts of every rank: save "
+                "streaming_lm.state.gather_states(all ranks' loader.state_dict()) instead "
+                "(torch.distributed.all_gather_object; scripts/train.py does)"
+            )
+
+    def _check_positions(self, state: dict) -> None:
+        """ValueError naming the part and field of a position no run could have reached."""
+        layout = state["layout"]
+        first, end = state["pass"]["start"], state["pass"]["end"]
+        for part in state["parts"]:
+            for name, value in part["sources"].items():
+                if name not in self.sources:
+                    raise ValueError(
+                        f"corrupt checkpoint: part r{part['rank']}w{part['worker']} has source {name!r}"
+                    )
+                saved = self.layout(name, layout["num_workers"], layout["world_size"])
+                where = f"part rank {part['rank']} worker {part['worker']}" + (
+                    f" source {name!r}" if self.mixture else ""
+                )
+                rows = self.sources[name].piece_rows
+                check_part(PartState.from_dict(value), saved, self.settings, first, end, where, rows)
+
+
+def check_part(
+    state: PartState,
+    layout: Layout,
+    settings: Settings,
+    first: int,
+    end: int | None,
+    where: str,
+    rows: tuple[int, ...] | None = None,
+) -> None:
+    """ValueError naming the field of `state` that its plan (saved `layout`), its pieces' rows (where
+    known) and settings rule out."""
+    if state.epoch < first or (end is not None and state.epoch >= end):
+        raise ValueError(
+            f"corrupt checkpoint: {where}, epoch={state.epoch} is outside the pass [{first}, {end})"
+        )
+    plan = state.plan_for(state.epoch)
+    tasks = plan.tasks if plan is not None else layout.plan(state.epoch, state.rank, state.worker)
+    n = layout.n_pieces
+    pieces = [t.piece for p in state.plans for t in p.tasks] + [
+        t.piece for w in state.pending for t in w.tasks
+    ]
+    positions = [state.next] + [p for w in (state.window, *state.pending) if w for p in (w.start, w.end)]
+    bad = [p for p in pieces if p >= n] + [p.piece for p in positions if p is not None and p.piece >= n]
+    if bad:
+        raise ValueError(f"corrupt checkpoint: {where} names piece {bad[0]}, but the stream has {n} pieces")
+    tasks_all = [t for p in state.plans for t in p.tasks] + [t for w in state.pending for t in w.tasks]
+    places = [(p.piece, p.row) for p in positions if p is not None] + [(t.piece, t.row) for t in tasks_all]
+    for piece, row in places if rows is not None else ():
+        if row > rows[piece]:
+            raise ValueError(
+                f"corrupt checkpoint: {where} names row {row} of piece {piece}, which has {rows[piece]} rows"
+            )
+    if state.cursor > len(tasks):
+        raise ValueError(
+            f"corrupt checkpoint: {where}, cursor={state.cursor}, but its plan has {len(tasks)} tasks"
+        )
+    if state.next is not None and (state.cursor == len(tasks) or not tasks[state.cursor].holds(state.next)):
+        raise ValueError(
+            f"corrupt checkpoint: {where}, next={state.next.to_list()} is not in task {state.cursor} "
+            "of its plan"
+        )
+    if (state.next is None) != (state.cursor == len(tasks)) and state.window is None:
+        raise ValueError(f"corrupt checkpoint: {where}, cursor={state.cursor} and next={state.next} disagree")
+    if state.window is not None and (not settings.shuffle or state.next != state.window.start):
+        raise ValueError(
+            f"corrupt checkpoint: {where}, a shuffle window that does not start at next={state.next}"
+        )
+    for window in (state.window, *state.pending):
+        if window is not None and not 0 < window.emitted <= settings.shuffle_window:
+            raise ValueError(
+                f"corrupt checkpoint: {where}, window.emitted={window.emitted} is outside "
+                f"1..shuffle_window={settings.shuffle_window}"
+            )
+    if state.blocks * settings.block_size < state.tokens:
+        raise ValueError(f"corrupt checkpoint: {where}, tokens={state.tokens} > blocks x block_size")
+
+
+def _mismatches(saved: Any, ours: Any, path: str) -> Iterator[str]:
+    """'path: saved X, now Y' for each field where `saved` and `ours` differ (recursing into dicts)."""
+    if isinstance(saved, dict) and isinstance(ours, dict):
+        for key in sorted(set(saved) | set(ours), key=str):
+            yield from _mismatches(saved.get(key), ours.get(key), f"{path}.{key}")
+    elif saved != ours:
+        yield f"{path}: saved {saved!r}, now {ours!r}"
 
 
 def progress_by_part(state: dict) -> list[dict]:
-    """What each (rank, worker) part has emitted, read from a dataset's or a StatefulDataLoader's
-    `state_dict()` (the dataset states sit inside, one per worker).
+    """What each (rank, worker) part has emitted, from a dataset's or loader's `state_dict()`.
 
-    Returns a list of {"rank", "worker", "epoch", "blocks", "tokens", "dropped"}, sorted by rank and
-    worker: blocks and real tokens emitted in `epoch` (with shuffling: counted to the current window's
-    start, plus its blocks emitted, as full blocks) and tokens dropped at its end (pad_last=False).
-    A part that sits between epochs reports the epoch it completed.
+    Returns a list of {"rank", "worker", "source", "epoch", "blocks", "tokens", "dropped"}, sorted by
+    rank, worker and source: blocks and real tokens emitted in `epoch`, tail tokens dropped in this
+    pass (pad_last=False). A part that sits between epochs or finished its pass reports the epoch it
+    completed. A mixture has one entry per source (`source` is its name; "main" otherwise).
     """
     found = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict) and {"worker", "carry", "skip", "dropped"} <= set(node):
-            part = {"rank": node["rank"], "worker": node["worker"][0]}
-            last, fresh = node.get("last_epoch"), node["blocks"] + node["skip"] == 0
-            if last and fresh:
-                found.append({**part, **last})
-                return
-            blocks, tokens = node["blocks"] + node["skip"], node["tokens"] + node["skip"] * node["block_size"]
-            found.append(
-                {
-                    **part,
-                    "epoch": node["epoch"],
-                    "blocks": blocks,
-                    "tokens": tokens,
-                    "dropped": node["dropped"],
-                }
-            )
-        elif isinstance(node, dict):
-            for value in node.values():
-                walk(value)
-
-    walk(state)
-    return sorted(found, key=lambda part: (part["rank"], part["worker"]))
+    for part in open_state(state)["parts"]:
+        for name, value in part["sources"].items():
+            s = PartState.from_dict(value)
+            done = s.last_epoch if (s.ended or (s.blocks == 0 and s.last_epoch)) else None
+            if done:
+                epoch, blocks, tokens, dropped = (
+                    done["epoch"],
+                    done["blocks"],
+                    done["tokens"],
+                    done["dropped"],
+                )
+            else:
+                epoch, blocks, tokens, dropped = s.epoch, s.blocks, s.tokens, s.dropped
+            row = {"rank": s.rank, "worker": s.worker, "source": name, "epoch": epoch}
+            found.append({**row, "blocks": blocks, "tokens": tokens, "dropped": dropped})
+    return sorted(found, key=lambda p: (p["rank"], p["worker"], p["source"]))

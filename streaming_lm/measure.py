@@ -55,8 +55,12 @@ def sample_stats(
     }
 
 
-def plot_token_lengths(lengths: Any, ax: Any = None) -> Any:
-    """Histogram of tokens per document (row) with mean and median marked; returns the Axes."""
+def plot_token_lengths(
+    lengths: Any,
+    ax: Any = None,
+    xlabel: str = "tokens per row (WikiText: a paragraph; your files: a document)",
+) -> Any:
+    """Histogram of tokens per stream row with mean and median marked; returns the Axes."""
     import matplotlib.pyplot as plt
 
     lengths = np.asarray(lengths)
@@ -67,7 +71,7 @@ def plot_token_lengths(lengths: Any, ax: Any = None) -> Any:
     ax.hist(lengths, bins=min(50, max(1, np.unique(lengths).size)), color="steelblue", alpha=0.8)
     ax.axvline(lengths.mean(), color="crimson", linestyle="--", label=f"mean {lengths.mean():.1f}")
     ax.axvline(np.median(lengths), color="black", linestyle=":", label=f"median {np.median(lengths):.0f}")
-    ax.set_xlabel("tokens per document (one stream row)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("number of rows")
     ax.set_title(f"GPT-2 token lengths of {lengths.size} rows")
     ax.legend()
@@ -131,3 +135,17 @@ def shuffle_quality(
     shuffled = np.array([np.median(where[keep][document[keep] == d]) for d in range(document.max() + 1)])
     corpus = np.arange(len(shuffled))
     return {"corpus": corpus, "shuffled": shuffled, "rho": spearman(corpus, shuffled)}
+
+
+def unigram_cross_entropy(train_rows: Iterable[Any], heldout_rows: Iterable[Any], vocab_size: int) -> float:
+    """Cross-entropy (nats per token) of held-out tokens under the unigram model of the training
+    tokens (each id's frequency, add-one smoothed over the vocabulary): what a model that ignores
+    context scores. Rows: token id sequences or dicts with `input_ids`."""
+    counts = np.zeros(vocab_size, np.float64)
+    for i, row in enumerate(train_rows):
+        counts += np.bincount(np.asarray(token_ids(row, i), np.int64), minlength=vocab_size)
+    log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)  # (V,)
+    held = np.concatenate([np.asarray(token_ids(r, i), np.int64) for i, r in enumerate(heldout_rows)])
+    if not len(held):
+        raise ValueError("unigram_cross_entropy: the held-out rows hold no tokens")
+    return float(-log_p[held].mean())

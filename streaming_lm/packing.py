@@ -6,6 +6,9 @@ document boundaries, so every token lands in exactly one block. Only the end of 
 rank's or worker's part of it) can hold fewer than `block_size` tokens: with `pad_last=True` it
 becomes one padded block (mask 0, label -100 in collate_fn), otherwise it is dropped and reported
 at WARNING (at most block_size - 1 tokens per part).
+
+The buffer works on flat arrays: `push(ids)` appends a batch of tokens and returns every block now
+complete as one (k, block_size) view, cut by slicing; per token the cost is one copy into the buffer.
 """
 
 import logging
@@ -15,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from .checks import check_positive_int, is_int
-from .config import BLOCK_SIZE, EOS_TOKEN_ID, FILL_BLOCKS, GPT2_VOCAB_SIZE, MAX_BLOCK_SIZE
+from .config import BLOCK_SIZE, EOS_TOKEN_ID, GPT2_VOCAB_SIZE, MAX_BLOCK_SIZE
 
 logger = logging.getLogger(__name__)
 
 Block = dict[str, np.ndarray]  # {"input_ids": (T,) int64, "attention_mask": (T,) int64}
+GATHER_BLOCKS = 8  # group_texts_streaming joins rows once per 8 blocks' worth of tokens
 
 
 def check_block_size(block_size: Any) -> int:
@@ -61,118 +65,90 @@ def check_id_range(rows: list[np.ndarray], first_index: int, vocab_size: int) ->
             raise ValueError(f"row {index}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
-class RowBatch(list):
-    """Token rows the packer reads together before it yields a block. A reader that takes rows
-    from its source a batch at a time hands them over as one RowBatch, so that between two blocks
-    the source's position is never inside rows the packer has not read (checkpoints stay exact)."""
+def out_of_vocabulary(ids: np.ndarray, vocab_size: int) -> bool:
+    """True if any id is outside [0, vocab_size) (two passes over the array, no copy)."""
+    return bool(len(ids)) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size)
 
 
 class RollingBuffer:
     """The packer's state: tokens read from the stream but not yet emitted in a block.
 
-    `pack(rows)` yields (block_size,) int64 views; between two yields `carry()` is exactly the
-    tokens read and not yet emitted, which is what a checkpoint must keep. Rows are gathered until
-    FILL_BLOCKS blocks' worth, joined in one numpy call and cut into views: per token the cost is one
-    int conversion, never a Python-level copy of the buffer (no `buf = buf[256:]`).
+    `push(ids)` appends tokens and returns the blocks now complete, a (k, block_size) int64 view;
+    `pushed` and `emitted` count tokens in and tokens out (in full blocks), so the carried tokens
+    are always pushed - emitted. `finish()` ends the part: its tail padded or dropped.
     """
 
-    def __init__(
-        self,
-        block_size: int = BLOCK_SIZE,
-        carry: Iterable[int] = (),
-        blocks: int = 0,
-        tokens: int = 0,
-        *,
-        vocab_size: int = GPT2_VOCAB_SIZE,
-    ) -> None:
+    def __init__(self, block_size: int = BLOCK_SIZE, *, vocab_size: int = GPT2_VOCAB_SIZE) -> None:
         self.block_size = check_block_size(block_size)
         self.vocab_size = vocab_size
-        self._buf = np.asarray(carry, dtype=np.int64).reshape(-1)  # emitted tokens are buf[:pos]
+        self._buf = np.empty(0, np.int64)  # the carry is buf[pos:]
         self._pos = 0
-        self._pending: list[np.ndarray] = []  # rows read but not yet joined into buf
-        self._n_pending = 0
-        self.blocks, self.tokens = blocks, tokens  # emitted so far: blocks, real (unpadded) tokens
-        self.rows = self.empty_rows = 0  # rows read in this pass; rows without tokens among them
-        self.first_empty_row: int | None = None
-        self.dropped = 0  # tokens in a final partial block that was not padded
+        self.pushed = 0  # tokens pushed so far
+        self.emitted = 0  # tokens emitted in full blocks so far
+        self.dropped = 0  # tokens of a final partial block that was not padded
 
     def carry(self) -> np.ndarray:
-        """Tokens read but not yet emitted, as a (n,) int64 array."""
-        # unsafe cast: rows are integer arrays (checked in _read), their range is checked in _join
-        return np.concatenate([self._buf[self._pos :], *self._pending], dtype=np.int64, casting="unsafe")
+        """Tokens pushed but not yet emitted, as a (n,) int64 view."""
+        return self._buf[self._pos :]
 
-    def _read(self, row: Any) -> None:
-        if isinstance(row, RowBatch):  # read whole before any block is cut: see RowBatch
-            for one in row:
-                self._read(one)
-            return
-        ids = as_id_array(token_ids(row, self.rows), self.rows)
-        if ids.size == 0 and self.first_empty_row is None:
-            self.first_empty_row = self.rows
-        self.empty_rows += ids.size == 0
-        self.rows += 1
-        self._pending.append(ids)
-        self._n_pending += ids.size
+    def push(self, ids: np.ndarray) -> np.ndarray:
+        """Append `ids` ((n,) integers in [0, vocab_size)); return the complete blocks, (k, T) int64."""
+        if out_of_vocabulary(ids, self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        buf = np.concatenate([self._buf[self._pos :], ids], dtype=np.int64, casting="unsafe")
+        size = self.block_size
+        whole = len(buf) // size * size
+        self._buf, self._pos = buf, whole
+        self.pushed += len(ids)
+        self.emitted += whole
+        return buf[:whole].reshape(-1, size)  # (k, T): views, no copy
 
-    def _join(self) -> None:
-        joined = self.carry()
-        if len(joined) and (joined.min() < 0 or joined.max() >= self.vocab_size):  # one check per join
-            check_id_range(self._pending, self.rows - len(self._pending), self.vocab_size)
-            raise ValueError(f"the carried tokens hold ids outside the vocabulary [0, {self.vocab_size})")
-        self._buf, self._pos = joined, 0
-        self._pending, self._n_pending = [], 0
-
-    def _cut(self) -> Iterator[Block]:
-        """Yield every full block left in buf."""
-        size, ones = self.block_size, np.ones(self.block_size, dtype=np.int64)
-        while len(self._buf) - self._pos >= size:
-            self._pos += size
-            self.blocks, self.tokens = self.blocks + 1, self.tokens + size
-            yield {"input_ids": self._buf[self._pos - size : self._pos], "attention_mask": ones.copy()}
-
-    def pack(
-        self, rows: Iterable[Any], *, pad_last: bool = False, pad_token_id: int = EOS_TOKEN_ID
-    ) -> Iterator[Block]:
-        """Yield dicts of `input_ids` and `attention_mask`, each (block_size,) int64."""
-        pad_token_id = check_token_id("pad_token_id", pad_token_id, self.vocab_size)
-        fill = self.block_size * FILL_BLOCKS
-        for row in rows:
-            self._read(row)
-            if self._n_pending >= fill:
-                self._join()
-                yield from self._cut()
-        self._join()
-        yield from self._cut()
-        yield from self._finish(pad_last, pad_token_id)
-
-    def _finish(self, pad_last: bool, pad_token_id: int) -> Iterator[Block]:
-        """The end of the pass: pad or drop the tail, and report what had no tokens or was dropped."""
-        tail, size = self.carry(), self.block_size
-        self._buf, self._pos = tail[:0], 0
-        if self.empty_rows:
-            logger.warning(
-                "%d of %d rows gave no tokens (no text: None or empty); the first is row %d of this part. "
-                "Is the text under another key than 'text'?",
-                self.empty_rows,
-                self.rows,
-                self.first_empty_row,
-            )
-        if len(tail) and pad_last:
-            ids = np.full(size, pad_token_id, dtype=np.int64)
-            ids[: len(tail)] = tail
-            mask = (np.arange(size) < len(tail)).astype(np.int64)  # padding: mask 0, label -100 in collate_fn
-            self.blocks, self.tokens = self.blocks + 1, self.tokens + len(tail)
-            yield {"input_ids": ids, "attention_mask": mask}
-        elif len(tail):
+    def finish(self, pad_last: bool, pad_token_id: int = EOS_TOKEN_ID) -> Block | None:
+        """End of the part: the tail as one padded block (`pad_last`), else dropped and counted."""
+        tail = self.carry()
+        self._buf, self._pos = self._buf[:0], 0
+        if not len(tail):
+            return None
+        if not pad_last:
             self.dropped += len(tail)
-            logger.warning(
-                "dropped the final %d tokens of this part (< block_size=%d, %.2f %% of its %d tokens); "
-                "pass pad_last=True to keep them",
-                len(tail),
-                size,
-                100 * len(tail) / (self.tokens + len(tail)),
-                self.tokens + len(tail),
-            )
+            return None
+        ids = np.full(self.block_size, pad_token_id, dtype=np.int64)
+        ids[: len(tail)] = tail
+        mask = (np.arange(self.block_size) < len(tail)).astype(np.int64)  # padding: mask 0, label -100
+        self.emitted += len(tail)
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def as_blocks(blocks: np.ndarray) -> list[Block]:
+    """A (k, T) array of complete blocks as k block dicts (views), with masks of ones."""
+    masks = np.ones(blocks.shape, np.int64)
+    return [{"input_ids": ids, "attention_mask": mask} for ids, mask in zip(blocks, masks)]
+
+
+def warn_dropped(dropped: int, emitted: int, block_size: int, where: str = "this part") -> None:
+    """The WARNING for a dropped tail, with its share of the part."""
+    logger.warning(
+        "dropped the final %d tokens of %s (< block_size=%d, %.2f %% of its %d tokens); "
+        "pass pad_last=True to keep them",
+        dropped,
+        where,
+        block_size,
+        100 * dropped / (emitted + dropped),
+        emitted + dropped,
+    )
+
+
+def warn_empty(empty: int, rows: int, first: int | None, where: str = "this part") -> None:
+    """The WARNING for rows that gave no tokens (no text), naming the first one."""
+    logger.warning(
+        "%d of %d rows gave no tokens (no text: None or empty); the first is row %d of %s. "
+        "Is the text under another key than 'text'? (load_text_stream(..., text_column=...))",
+        empty,
+        rows,
+        first,
+        where,
+    )
 
 
 def group_texts_streaming(
@@ -191,6 +167,39 @@ def group_texts_streaming(
     shorter than a block is padded with `pad_token_id` (mask 0) if `pad_last`, else dropped (at most
     block_size - 1 tokens, reported at WARNING).
     """
-    return RollingBuffer(block_size, vocab_size=vocab_size).pack(
-        examples, pad_last=pad_last, pad_token_id=pad_token_id
-    )
+    packer = RollingBuffer(block_size, vocab_size=vocab_size)
+    pad_token_id = check_token_id("pad_token_id", pad_token_id, vocab_size)
+    return _group(examples, packer, pad_last, pad_token_id)
+
+
+def _group(
+    examples: Iterable[Any], packer: RollingBuffer, pad_last: bool, pad_token_id: int
+) -> Iterator[Block]:
+    gathered, count, rows, empty, first_empty = [], 0, 0, 0, None
+    fill = packer.block_size * GATHER_BLOCKS
+    for index, example in enumerate(examples):
+        ids = as_id_array(token_ids(example, index), index)
+        if ids.size == 0:
+            empty, first_empty = empty + 1, index if first_empty is None else first_empty
+        gathered.append(ids)
+        count, rows = count + ids.size, index + 1
+        if count >= fill:
+            yield from as_blocks(_push_rows(packer, gathered, rows - len(gathered)))
+            gathered, count = [], 0
+    if gathered:
+        yield from as_blocks(_push_rows(packer, gathered, rows - len(gathered)))
+    if empty:
+        warn_empty(empty, rows, first_empty)
+    last = packer.finish(pad_last, pad_token_id)
+    if last is not None:
+        yield last
+    elif packer.dropped:
+        warn_dropped(packer.dropped, packer.emitted, packer.block_size)
+
+
+def _push_rows(packer: RollingBuffer, rows: list[np.ndarray], first_index: int) -> np.ndarray:
+    """Push gathered rows; a bad id names its row."""
+    joined = np.concatenate(rows) if len(rows) > 1 else rows[0]
+    if out_of_vocabulary(joined, packer.vocab_size):
+        check_id_range(rows, first_index, packer.vocab_size)
+    return packer.push(joined)

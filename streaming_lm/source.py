@@ -1,21 +1,34 @@
 """Step 1, the source: a lazy stream of text rows from the Hugging Face Hub or from local files.
 
     stream = load_text_stream("auto")   # WikiText-103 from the Hub if it answers within 5 s, else the sample
+    stream = load_text_stream("hub", repo="Salesforce/wikitext", config="wikitext-2-raw-v1")
+    stream = load_text_stream(data_files="books/*.jsonl", text_column="content")
+
+The result is a `TextStream`: a `datasets.IterableDataset` (every datasets method works) that also
+knows what it reads, `stream.source` (a `SourceInfo`: files and sizes or the Hub commit, the pieces
+and their sizes, the document layout if known). Later steps take that value as it is; a stream
+derived with datasets' own methods (`.take()`, `.repeat()`) is a plain IterableDataset again, and
+`tokenize_stream` says that its checkpoints then identify it by its description only.
 
 "auto" never waits on a dead network for long: the probe runs in a daemon thread and gives up after
 HUB_PROBE_SECONDS. Asking for the Hub explicitly ("hub") fails within those seconds when it cannot
-be reached, instead of silently reading something else.
+be reached, instead of silently reading something else. Reading pieces (`read_piece_text`) turns
+a damaged file into one error naming the file and the line or row group, and a Hub that goes away
+into WARNINGs and, after HUB_READ_DEADLINE_SECONDS, an error naming what was being read.
 """
 
 import glob
 import hashlib
+import json
 import logging
 import os
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pyarrow
@@ -26,6 +39,8 @@ from .config import (
     DATASET_REPO,
     DATASET_SPLIT,
     HUB_PROBE_SECONDS,
+    HUB_READ_DEADLINE_SECONDS,
+    HUB_READ_RETRY_SECONDS,
     HUB_RETRIES,
     HUB_RETRY_SECONDS,
     HUB_RETRY_STATUSES,
@@ -37,6 +52,7 @@ from .config import (
     SAMPLE_FILES,
     SOURCES,
     TEXT_COLUMN,
+    WIKITEXT_CONFIGS,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,6 +60,48 @@ logger = logging.getLogger(__name__)
 DataFiles = str | Path | Sequence[str | Path]
 
 
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a text stream reads. Made by `load_text_stream`, carried by `TextStream.source`.
+
+    description: one line for people ("local: data/wikitext_sample, 2 files").
+    identity: what a checkpoint must match: {"files": fingerprint of paths, sizes, mtimes} for local
+        files, {"hub": repo, "config", "revision": the resolved commit id} for the Hub; and "split".
+    layout: "wikitext" when the source is known to be in WikiText's article layout, else None.
+    row_chars: mean characters per row (parquet metadata or the first MiB), to size tokenizing batches.
+    piece_names, piece_weights, piece_rows: one per piece (parquet row group or file) in reading
+        order, where known: names for error messages, uncompressed bytes to balance ranks and
+        workers, rows to check a checkpoint's positions before reading.
+    """
+
+    description: str
+    identity: dict[str, str]
+    layout: str | None = None
+    row_chars: float | None = None
+    piece_names: tuple[str, ...] | None = None
+    piece_weights: tuple[int, ...] | None = field(default=None, repr=False)
+    piece_rows: tuple[int, ...] | None = field(default=None, repr=False)
+
+
+class TextStream(datasets.IterableDataset):
+    """A `datasets.IterableDataset` of text rows that knows what it reads: `source` (a SourceInfo).
+
+    Made only by `load_text_stream` (from the stream `datasets.load_dataset` returns).
+    """
+
+    source: SourceInfo
+
+    @classmethod
+    def of(cls, stream: datasets.IterableDataset, source: SourceInfo) -> "TextStream":
+        """`stream` as a TextStream with `source`; its description becomes `source.description`."""
+        text = cls.__new__(cls)
+        text.__setstate__(dict(stream.__getstate__()))  # datasets' own pickling state: all of it
+        text.source = source
+        text.info.description = source.description
+        return text
+
+
+# ----------------------------------------------------------------------------------- the Hub
 def offline_switch() -> str | None:
     """The name of the offline variable that is set (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE), or None."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -52,8 +110,8 @@ def offline_switch() -> str | None:
     return None
 
 
-def hub_status(timeout: float = HUB_PROBE_SECONDS) -> tuple[bool, str]:
-    """(reachable, why): whether the Hub answers for the WikiText dataset within `timeout` seconds.
+def hub_status(timeout: float = HUB_PROBE_SECONDS, repo: str = DATASET_REPO) -> tuple[bool, str]:
+    """(reachable, why): whether the Hub answers for dataset `repo` within `timeout` seconds.
 
     Not reachable at once when an offline switch is set. The request runs in a daemon thread, so
     even a hanging DNS lookup cannot hold the caller longer than `timeout`.
@@ -63,7 +121,7 @@ def hub_status(timeout: float = HUB_PROBE_SECONDS) -> tuple[bool, str]:
         return False, f"{switch} is set"
     from huggingface_hub import constants
 
-    url = f"{constants.ENDPOINT}/api/datasets/{DATASET_REPO}"
+    url = f"{constants.ENDPOINT}/api/datasets/{repo}"
     answers: list[tuple[bool, str]] = []
 
     def probe() -> None:
@@ -84,7 +142,7 @@ def hub_is_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
     return hub_status(timeout)[0]
 
 
-def choose_source(source: str = "auto") -> tuple[str, str]:
+def choose_source(source: str = "auto", repo: str = DATASET_REPO) -> tuple[str, str]:
     """(source, why): `source` resolved to "hub" or "local".
 
     "auto" probes the Hub (<= 5 s) and falls back to "local", saying why at WARNING. "hub" raises
@@ -93,7 +151,7 @@ def choose_source(source: str = "auto") -> tuple[str, str]:
     check_choice("source", source, SOURCES)
     if source == "local":
         return "local", "asked for"
-    reachable, why = hub_status()
+    reachable, why = hub_status(repo=repo)
     if source == "hub" and not reachable:
         raise ConnectionError(
             f"source='hub' but the Hub cannot be reached ({why}); use source='local' or 'auto'"
@@ -104,6 +162,51 @@ def choose_source(source: str = "auto") -> tuple[str, str]:
     return "hub", "asked for" if source == "hub" else "auto: the Hub answered"
 
 
+def _retry_hub(what: str, call: Any) -> Any:
+    """call(), retried HUB_RETRIES times with doubling waits while the Hub answers 429 or 5xx (each
+    retry said at WARNING); the set-up requests huggingface_hub does not retry itself."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(HUB_RETRIES + 1):
+        try:
+            return call()
+        except HfHubHTTPError as err:
+            status = getattr(err.response, "status_code", None)
+            if status not in HUB_RETRY_STATUSES or attempt == HUB_RETRIES:
+                raise
+            wait = HUB_RETRY_SECONDS * 2**attempt
+            logger.warning(
+                "%s: the Hub answered %s: retry %d of %d in %g s",
+                what,
+                status,
+                attempt + 1,
+                HUB_RETRIES,
+                wait,
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def resolve_revision(repo: str, revision: str | None) -> str:
+    """The commit id that `revision` (a branch, tag or commit; None: the default branch) of dataset
+    `repo` points to now: a checkpoint records it, and the stream reads exactly that commit."""
+    from huggingface_hub import HfApi
+
+    info = _retry_hub(f"{repo}: repository info", lambda: HfApi().dataset_info(repo, revision=revision))
+    return info.sha
+
+
+def load_hub_split(repo: str, config: str | None, split: str, revision: str) -> datasets.IterableDataset:
+    """`split` of dataset `repo` (config `config`) at commit `revision`, streaming; set-up answers of
+    429 or 5xx are retried (see `_retry_hub`)."""
+    where = f"{repo} {config or ''} ({split})"
+    return _retry_hub(
+        where,
+        lambda: datasets.load_dataset(repo, config, split=split, revision=revision, streaming=True),
+    )
+
+
+# ----------------------------------------------------------------------------------- local files
 def _expand(pattern: str) -> list[Path]:
     """The files a path or glob pattern names; FileNotFoundError / IsADirectoryError naming it."""
     paths = sorted(map(Path, glob.glob(pattern))) if glob.has_magic(pattern) else [Path(pattern)]
@@ -121,25 +224,16 @@ def _expand(pattern: str) -> list[Path]:
     return paths
 
 
-def load_hub_split(split: str) -> datasets.IterableDataset:
-    """wikitext-103-v1's `split` from the Hub, streaming. Answers 429 or 5xx while it is set up
-    (reading the card and the file list) are retried HUB_RETRIES times with doubling waits, each
-    said at WARNING; the file reads while streaming are retried by huggingface_hub itself."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    for attempt in range(HUB_RETRIES + 1):
-        try:
-            return datasets.load_dataset(DATASET_REPO, DATASET_CONFIG, split=split, streaming=True)
-        except HfHubHTTPError as err:
-            status = getattr(err.response, "status_code", None)
-            if status not in HUB_RETRY_STATUSES or attempt == HUB_RETRIES:
-                raise
-            wait = HUB_RETRY_SECONDS * 2**attempt
-            logger.warning(
-                "the Hub answered %s: retry %d of %d in %g s", status, attempt + 1, HUB_RETRIES, wait
-            )
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+def _read_once(paths: list[Path]) -> list[str]:
+    """`paths` with each file once (by its resolved path); a file named twice is said at WARNING."""
+    seen: dict[Path, str] = {}
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            logger.warning("data_files names %s twice (also as %s): it is read once", path, seen[key])
+            continue
+        seen[key] = str(path)
+    return list(seen.values())
 
 
 def fingerprint(files: Sequence[str]) -> str:
@@ -155,8 +249,7 @@ def fingerprint(files: Sequence[str]) -> str:
 
 def mean_row_chars(builder: str, files: Sequence[str]) -> float:
     """About how many characters a row holds: parquet from its metadata (uncompressed bytes per
-    row), text and JSON lines from the first MiB of the first file. tokenize_stream uses it to keep
-    a tokenizing batch near TOKENIZE_BATCH_CHARS however long the documents are."""
+    row), text and JSON lines from the first MiB of the first file."""
     if builder == "parquet":
         import pyarrow.parquet as pq
 
@@ -169,25 +262,28 @@ def mean_row_chars(builder: str, files: Sequence[str]) -> float:
     return len(head) / max(head.count(b"\n"), 1)
 
 
-def parquet_piece_weights(files: Sequence[str]) -> list[int]:
-    """Uncompressed bytes of every row group, file by file: the pieces `reshard()` makes of them,
-    in its order, so that ranks and workers can be given about equal shares (parts.py)."""
+def local_pieces(builder: str, files: Sequence[str]) -> tuple[tuple, tuple, tuple | None]:
+    """(names, weights, rows) of the pieces `datasets`' `reshard()` makes of local files, in its
+    order: parquet row groups (uncompressed bytes, rows), else one piece per file (bytes; rows unknown)."""
+    if builder != "parquet":
+        return tuple(map(str, files)), tuple(Path(f).stat().st_size for f in files), None
     import pyarrow.parquet as pq
 
-    weights = []
+    names, weights, rows = [], [], []
     for name in files:
         meta = pq.ParquetFile(name).metadata
-        weights += [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
-    return weights
+        for i in range(meta.num_row_groups):
+            names.append(f"{name} (row group {i})")
+            weights.append(meta.row_group(i).total_byte_size)
+            rows.append(meta.row_group(i).num_rows)
+    return tuple(names), tuple(weights), tuple(rows)
 
 
 def local_data_files(
     data_files: DataFiles | None = None, split: str = DATASET_SPLIT
 ) -> tuple[str, list[str]]:
-    """(builder, paths): the bundled sample's parquet files of `split`, or the user's files checked.
-
-    builder is the `datasets` builder for the files' type: "text", "json" or "parquet".
-    """
+    """(builder, paths): the bundled sample's parquet files of `split`, or the user's files checked
+    (each read once). builder is the reader for the files' type: "text", "json" or "parquet"."""
     if data_files is None:
         files = sorted(SAMPLE_DIR.glob(SAMPLE_FILES.format(split=split)))
         if not files:
@@ -195,7 +291,7 @@ def local_data_files(
             raise ValueError(f"the bundled sample has the splits {splits}, got split={split!r}")
         return "parquet", [str(f) for f in files]
     patterns = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
-    files = [str(path) for pattern in map(str, patterns) for path in _expand(pattern)]
+    files = _read_once([path for pattern in map(str, patterns) for path in _expand(pattern)])
     suffixes = sorted({Path(f).suffix.lower() for f in files})
     builders = {LOCAL_BUILDERS.get(s) for s in suffixes}
     if None in builders or len(builders) != 1:
@@ -203,46 +299,292 @@ def local_data_files(
     return builders.pop(), files
 
 
-def load_text_stream(
-    source: str = "auto", *, data_files: DataFiles | None = None, split: str = DATASET_SPLIT
-) -> datasets.IterableDataset:
-    """Step 1: a lazy `datasets.IterableDataset` of rows with a `text` column.
+def text_file_rows(files: list[str]) -> Iterator[dict[str, str]]:
+    """The lines of text files, one row each with its "\\n" kept. Lines end at "\\n" only (a lone
+    "\\r" is text, not a line break); a byte sequence that is not UTF-8 names the file and line."""
+    for name in files:
+        with open(name, "rb") as f:
+            for number, line in enumerate(f, 1):  # binary mode: split on b"\n" only
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"data file {name}, line {number}: not valid UTF-8 (byte {line[err.start]:#04x} at "
+                        f"byte {err.start} of the line): re-save the file as UTF-8"
+                    ) from None
+                yield {TEXT_COLUMN: text}
 
-    source: "hub" streams wikitext-103-v1 from the Hugging Face Hub; "local" streams the bundled
-    sample (or `data_files`: .txt one row per line with its "\\n" kept, .json/.jsonl/.parquet with
-    a `text` field); "auto" picks the Hub when it answers within 5 s, else local.
+
+def locate_bad_json(name: str) -> str | None:
+    """'data file X, line N: ...' for the first line of a JSON-lines file that is not UTF-8 or not
+    a JSON object; None if every line reads."""
+    with open(name, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                return f"data file {name}, line {number}: not valid UTF-8 (at byte {err.start} of the line)"
+            except json.JSONDecodeError as err:
+                return f"data file {name}, line {number}: not valid JSON ({err.msg} at column {err.colno})"
+            if not isinstance(record, dict):
+                return f"data file {name}, line {number}: a JSON {type(record).__name__}, not an object"
+    return None
+
+
+def damaged_file_error(builder: str, name: str, err: Exception) -> ValueError:
+    """One clear error for a file datasets could not read: the file, the line where we can find it
+    (JSON lines), and the fix."""
+    where = locate_bad_json(name.split(" (row group")[0]) if builder == "json" else None
+    if where:
+        return ValueError(f"{where}: fix or remove that line")
+    return ValueError(
+        f"cannot read {builder} data file {name}: {type(err).__name__}: {err}; is it a whole, valid "
+        f"{builder} file? (re-create it, or leave it out of data_files)"
+    )
+
+
+def open_local(builder: str, files: list[str], split: str) -> datasets.IterableDataset:
+    """A datasets stream of `files`: parquet and JSON through datasets' builders, text through
+    `text_file_rows` (one piece per file)."""
+    if builder == "text":
+        features = datasets.Features({TEXT_COLUMN: datasets.Value("string")})
+        return datasets.IterableDataset.from_generator(
+            text_file_rows, features=features, gen_kwargs={"files": files}, split=split
+        )
+    try:
+        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True)
+    except (pyarrow.ArrowInvalid, ValueError, StopIteration) as err:  # a file datasets cannot read
+        for name in files:  # find which one
+            located = locate_bad_json(name) if builder == "json" else None
+            if located:
+                raise ValueError(f"{located}: fix or remove that line") from None
+        raise ValueError(
+            f"cannot read {builder} data files {files[:3]}: {type(err).__name__} {err}"
+        ) from None
+
+
+def select_text(stream: datasets.IterableDataset, text_column: str, where: str) -> datasets.IterableDataset:
+    """`stream` with `text_column` renamed to "text" (only that column kept); ValueError naming the
+    columns that exist if it has none of that name."""
+    columns = stream.column_names
+    if columns is not None and text_column not in columns:
+        hint = "" if text_column != TEXT_COLUMN else " (pass text_column= to name another)"
+        raise ValueError(f"no {text_column!r} column in {where}; its columns are {columns}{hint}")
+    if text_column == TEXT_COLUMN:
+        return stream
+    return stream.select_columns([text_column]).rename_column(text_column, TEXT_COLUMN)
+
+
+def is_wikitext(repo: str | None, config: str | None) -> bool:
+    """True for the WikiText family: one of its four configs (on the Hub, or a copy in its layout)."""
+    return config in WIKITEXT_CONFIGS and (repo is None or repo.split("/")[-1] == "wikitext")
+
+
+def local_config(files: Sequence[str]) -> str | None:
+    """The WikiText config a copy in the Hub's layout is under (its files' folder), else None."""
+    folders = {Path(f).parent.name for f in files}
+    return folders.pop() if len(folders) == 1 and folders <= set(WIKITEXT_CONFIGS) else None
+
+
+def load_text_stream(
+    source: str = "auto",
+    *,
+    data_files: DataFiles | None = None,
+    split: str = DATASET_SPLIT,
+    repo: str = DATASET_REPO,
+    config: str | None = DATASET_CONFIG,
+    revision: str | None = None,
+    text_column: str = TEXT_COLUMN,
+) -> TextStream:
+    """Step 1: a lazy `TextStream` (a `datasets.IterableDataset`) of rows with a `text` column.
+
+    source: "hub" streams `repo` / `config` / `split` at `revision` (default: wikitext-103-v1's
+    train split, the default branch, resolved to its commit id); "local" streams the bundled sample
+    (or `data_files`: .txt one row per line with its "\\n" kept, .json/.jsonl/.parquet with a text
+    field); "auto" picks the Hub when it answers within 5 s, else local.
+    text_column: the column holding the text (renamed to `text`; the others are dropped).
     The choice and why are in `stream.info.description` (e.g. "local: data/wikitext_sample, 2 files").
     """
     if data_files is not None and source == "auto":
         source, why = "local", "data_files given"
     else:
-        source, why = choose_source(source)
+        source, why = choose_source(source, repo)
     if data_files is not None and source == "hub":
         raise ValueError("data_files are local files: use source='local' (or 'auto') with them")
     if source == "hub":
-        stream = load_hub_split(split)
-        stream.info.description = f"hub: {DATASET_REPO} {DATASET_CONFIG} ({split})"
-        stream.provenance = {"source": stream.info.description}  # what a checkpoint must match
-        return stream
+        return load_hub_stream(repo, config, split, revision, text_column)
     builder, files = local_data_files(data_files, split)
-    options = {"keep_linebreaks": True} if builder == "text" else {}  # WikiText rows keep their "\n"
-    try:
-        stream = datasets.load_dataset(
-            builder, data_files={split: files}, split=split, streaming=True, **options
-        )
-    except (pyarrow.ArrowInvalid, StopIteration) as err:  # a file datasets cannot read: name it
-        raise ValueError(
-            f"cannot read {builder} data files {files[:3]}: {type(err).__name__} {err}"
-        ) from None
-    if stream.column_names is not None and TEXT_COLUMN not in stream.column_names:
-        raise ValueError(f"no {TEXT_COLUMN!r} column in {files[0]}; its columns are {stream.column_names}")
-    if data_files is None:  # laid out like wikitext-103-v1: tokenize_stream's "auto" layout reads this
-        stream.info.config_name = DATASET_CONFIG
+    stream = select_text(open_local(builder, files, split), text_column, files[0])
     where = os.path.relpath(SAMPLE_DIR, ROOT) if data_files is None else ", ".join(files[:3])
     note = "" if why in ("asked for", "data_files given") else f" ({why})"
-    stream.info.description = f"local: {where}, {len(files)} file{'s' * (len(files) > 1)}{note}"
-    stream.provenance = {"source": f"local ({split})", "files": fingerprint(files)}
-    stream.mean_row_chars = mean_row_chars(builder, files)
-    if builder == "parquet":
-        stream.piece_weights = parquet_piece_weights(files)
-    return stream
+    names, weights, rows = local_pieces(builder, files)
+    wikitext = data_files is None or is_wikitext(None, local_config(files))
+    info = SourceInfo(
+        description=f"local: {where}, {len(files)} file{'s' * (len(files) > 1)}{note}",
+        identity={"files": fingerprint(files), "split": split, "text_column": text_column},
+        layout="wikitext" if wikitext else None,
+        row_chars=mean_row_chars(builder, files),
+        piece_names=names,
+        piece_weights=weights,
+        piece_rows=rows,
+    )
+    return TextStream.of(stream, info)
+
+
+def load_hub_stream(
+    repo: str, config: str | None, split: str, revision: str | None, text_column: str
+) -> TextStream:
+    """A Hub dataset's split as a TextStream, pinned to the commit `revision` resolves to now."""
+    commit = resolve_revision(repo, revision)
+    stream = select_text(load_hub_split(repo, config, split, commit), text_column, f"{repo} {config}")
+    pinned = "" if revision in (None, commit) else f" at {revision}"
+    info = SourceInfo(
+        description=f"hub: {repo} {config or ''} ({split}){pinned}".replace("  ", " "),
+        identity={"hub": repo, "config": str(config), "split": split, "revision": commit},
+        layout="wikitext" if is_wikitext(repo, config) else None,
+    )
+    return TextStream.of(stream, info)
+
+
+# ----------------------------------------------------------------------------------- reading pieces
+def piece_streams(stream: datasets.IterableDataset) -> datasets.IterableDataset:
+    """`stream` cut into its pieces (parquet: one per row group; else its shards, e.g. files)."""
+    try:
+        return stream.reshard()
+    except NotImplementedError:  # not splittable further: its shards are the pieces
+        return stream
+
+
+@dataclass
+class ReadProgress:
+    """What a piece reader has read so far, for error messages: rows of this piece, retries."""
+
+    rows: int = 0
+    retries: int = 0
+    waited: float = 0.0
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """The errors a stream from a Hub that went away raises: connection errors and timeouts (OSError,
+    requests' errors among them), HTTP errors, and httpx's where huggingface_hub uses httpx."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: tuple[type[BaseException], ...] = (OSError, HfHubHTTPError)
+    try:
+        import httpx
+    except ImportError:
+        return errors
+    return (*errors, httpx.HTTPError)
+
+
+def read_piece_text(
+    pieces: datasets.IterableDataset,
+    piece: int | None,
+    start_row: int,
+    batch_rows: int,
+    *,
+    step: int = 1,
+    offset: int = 0,
+    source: SourceInfo | None = None,
+) -> Iterator[tuple[int, list]]:
+    """The text of one piece (None: the whole stream, in one pass) from row `start_row`, in
+    batches: yields (row index of the batch's first row within the piece, list of texts (str or
+    None)). With step > 1 only the rows whose index % step == offset (the others are read and skipped).
+
+    A local file datasets cannot read raises one ValueError naming it (and the line, for JSON
+    lines). A Hub read that fails is retried (WARNING each time) until HUB_READ_DEADLINE_SECONDS
+    have passed, then ConnectionError naming the repository, the piece and the rows read.
+    """
+    progress = ReadProgress(rows=start_row)
+    deadline = time.monotonic() + HUB_READ_DEADLINE_SECONDS
+    while True:
+        try:
+            yield from _piece_batches(pieces, piece, progress, batch_rows, step, offset)
+            return
+        except _hub_errors() as err:
+            if source is None or "hub" not in source.identity:
+                raise _local_error(source, piece, err) from err
+            _wait_for_hub(source, piece, progress, deadline, err)
+        except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, UnicodeDecodeError) as err:
+            raise _local_error(source, piece, err) from err
+
+
+def _piece_batches(
+    pieces: datasets.IterableDataset,
+    piece: int,
+    progress: ReadProgress,
+    batch_rows: int,
+    step: int,
+    offset: int,
+) -> Iterator[tuple[int, list]]:
+    """Batches of one piece from row `progress.rows`, advancing it (see `read_piece_text`)."""
+    one = (
+        pieces if piece is None else pieces.shard(num_shards=pieces.num_shards, index=piece, contiguous=True)
+    )
+    typed = one.features is not None  # arrow-backed: whole batches as Arrow arrays, no per-row Python
+    batches = (
+        one.with_format("arrow").iter(batch_size=batch_rows) if typed else one.iter(batch_size=batch_rows)
+    )
+    seen = 0
+    for batch in batches:
+        columns = batch.column_names if typed else list(batch)
+        if TEXT_COLUMN not in columns:
+            raise ValueError(f"the stream has no {TEXT_COLUMN!r} column; its columns are {sorted(columns)}")
+        texts = batch[TEXT_COLUMN] if not typed else batch.column(TEXT_COLUMN)
+        n = len(texts)
+        if seen + n <= progress.rows:  # before the start row (or read before a retry)
+            seen += n
+            continue
+        skip = progress.rows - seen
+        texts = texts[skip:] if skip else texts
+        first, seen = progress.rows, seen + n
+        texts = texts.to_pylist() if typed else list(texts)
+        if step > 1:
+            keep = [i for i in range(len(texts)) if (first + i) % step == offset]
+            if not keep:
+                progress.rows = seen
+                continue
+            texts = [texts[i] for i in range(keep[0], len(texts), step)]
+            first += keep[0]
+        progress.rows = seen
+        yield first, texts
+
+
+def _wait_for_hub(
+    source: SourceInfo, piece: int, progress: ReadProgress, deadline: float, err: Exception
+) -> None:
+    """After a failed Hub read: WARNING and wait before the next try, or ConnectionError past the deadline."""
+    progress.retries += 1
+    where = f"{source.identity['hub']} ({source.identity.get('config')}, {source.identity['split']})"
+    if time.monotonic() + HUB_READ_RETRY_SECONDS > deadline:
+        raise ConnectionError(
+            f"the Hub went away while streaming {where} at commit {source.identity['revision'][:12]}: "
+            f"piece {piece}, {progress.rows} rows of it read, {progress.retries} tries over "
+            f"{HUB_READ_DEADLINE_SECONDS:g} s; last error: {type(err).__name__}: {str(err)[:300]}"
+        ) from err
+    logger.warning(
+        "reading %s piece %d failed after %d rows (%s: %.120s): retry %d in %g s "
+        "(giving up %g s after the first)",
+        where,
+        piece,
+        progress.rows,
+        type(err).__name__,
+        err,
+        progress.retries,
+        HUB_READ_RETRY_SECONDS,
+        HUB_READ_DEADLINE_SECONDS,
+    )
+    time.sleep(HUB_READ_RETRY_SECONDS)
+
+
+def _local_error(source: SourceInfo | None, piece: int, err: Exception) -> Exception:
+    """The clear error for a piece of local data that cannot be read (the file, line or row group)."""
+    if isinstance(err, ValueError) and str(err).startswith("data file "):
+        return err  # already names the file and line (text_file_rows)
+    names = source.piece_names if source is not None else None
+    if not names or piece >= len(names):
+        return err
+    builder = "json" if names[piece].endswith((".json", ".jsonl")) else "parquet"
+    return damaged_file_error(builder, names[piece], err)

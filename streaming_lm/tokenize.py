@@ -1,12 +1,25 @@
 """Step 2, tokenize: GPT-2 ids for a text stream, lazily, with one EOS in front of each document.
 
+    tokens = tokenize_stream(stream, tokenizer)   # a TokenStream: nothing is read yet
+    for row in tokens: ...                        # {"input_ids": (n,) int32}, one per text row
+
 Two backends give identical ids: Hugging Face's GPT2TokenizerFast (the default) and tiktoken's
-GPT-2 encoding built from the same bundled files (4.5-10x faster, docs/benchmark.md).
+GPT-2 encoding built from the same bundled files (several times faster, docs/benchmark.md).
+
+The fast path never makes a Python object per token: a batch of rows goes to the tokenizer as a
+whole and comes back as one flat id array plus row offsets (`TokenBatch`). tiktoken encodes the
+rows joined by "<|endoftext|>" in one `encode_to_numpy` call per thread (it splits at special
+tokens before its regex, so the ids are exactly the per-row ids; a row that holds that text
+literally is encoded on its own, as text); HF's tokenizer encodes the batch with its Rust
+`encode_batch_fast`. The EOS separators are then put in by the document rule with one np.insert.
 
 The document rule decides where an EOS (50256) goes:
-- "wikitext" (the Hub's WikiText and the bundled sample): an article opens at a top-level heading
+- "wikitext" (the WikiText family and the bundled sample): an article opens at a top-level heading
   row " = Title = \\n"; sections (" = = Sub = = ") and paragraphs continue it; blank rows are layout.
 - "rows" (users' files, in-memory data): every row is a document of its own.
+- "auto": "wikitext" where the source says so (WikiText's configs, on the Hub or as a local copy in
+  the Hub's layout) or where the first rows look like it (blank rows and " = Title = " headings);
+  else "rows". `TokenStream.description` says which rule was chosen, and why.
 """
 
 import functools
@@ -14,7 +27,8 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +38,9 @@ import torch
 
 from .checks import check_choice, check_positive_int
 from .config import (
-    DATASET_CONFIG,
+    EOS_TOKEN,
     EOS_TOKEN_ID,
+    LAYOUT_PEEK_ROWS,
     LAYOUTS,
     TEXT_COLUMN,
     TOKENIZE_BATCH_CHARS,
@@ -34,21 +49,27 @@ from .config import (
     TOKENIZER_BACKENDS,
     TOKENIZER_DIR,
 )
+from .source import SourceInfo, TextStream, is_wikitext, piece_streams, read_piece_text
 
 logger = logging.getLogger(__name__)
+
+
+def in_worker() -> bool:
+    """True inside a DataLoader worker process (whose parallelism is the workers: one thread each)."""
+    return torch.utils.data.get_worker_info() is not None
 
 
 class TiktokenGPT2:
     """tiktoken's GPT-2 encoding built from the bundled files, called like a HF tokenizer.
 
     `tok(texts)["input_ids"]` -> list of id lists, identical to GPT2TokenizerFast's ids; a literal
-    "<|endoftext|>" in text is ordinary text unless `split_special_tokens=False`. A list is encoded
-    in `num_threads` contiguous chunks, one thread inside a DataLoader worker, where the workers are
-    the parallelism. Measured on 2 cores: one future per chunk ran 3x faster than tiktoken's own
-    encode_batch (one future per text) on the sample's short rows, 1.4x on whole chapters.
+    "<|endoftext|>" in text is ordinary text unless `split_special_tokens=False`. `encode_flat(texts)`
+    is the fast path: (ids (N,) uint32, row offsets (n + 1,) int64). Both use one thread inside a
+    DataLoader worker and a long-lived pool of `num_threads` (default: all cores) in-process;
+    tiktoken releases the GIL, so the threads run in parallel (2 cores: 7.1 M tokens/s, 4.1 M on one).
     """
 
-    eos_token = "<|endoftext|>"
+    eos_token = EOS_TOKEN
     eos_token_id = EOS_TOKEN_ID
 
     def __init__(self, folder: str | Path = TOKENIZER_DIR, num_threads: int | None = None) -> None:
@@ -68,7 +89,17 @@ class TiktokenGPT2:
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid: int | None = None
 
-    def _encode_chunk(self, texts: Sequence[str], allowed: str | set) -> list[list[int]]:
+    def threads(self) -> int:
+        """Threads to encode with here: 1 in a DataLoader worker, else `num_threads`."""
+        return 1 if in_worker() else self.num_threads
+
+    def pool(self) -> ThreadPoolExecutor:
+        """One thread pool per process, made on first use (a pool per call cost ~0.3 ms)."""
+        if self._executor is None or self._executor_pid != os.getpid():
+            self._executor, self._executor_pid = ThreadPoolExecutor(self.num_threads), os.getpid()
+        return self._executor
+
+    def _encode_rows(self, texts: Sequence[str], allowed: str | set) -> list[list[int]]:
         if allowed:
             return [self.encoding.encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
         return [self.encoding.encode_ordinary(t) for t in texts]
@@ -77,22 +108,55 @@ class TiktokenGPT2:
         """Encode a string or a list of strings; returns {"input_ids": ids or list of ids}."""
         allowed = set() if split_special_tokens else "all"
         if isinstance(text, str):
-            return {"input_ids": self._encode_chunk([text], allowed)[0]}
-        texts = list(text)
-        in_worker = torch.utils.data.get_worker_info() is not None
-        threads = 1 if in_worker else min(self.num_threads, len(texts))
+            return {"input_ids": self._encode_rows([text], allowed)[0]}
+        ids, starts = self.encode_flat(list(text)) if split_special_tokens else (None, None)
+        if ids is None:
+            return {"input_ids": self._encode_rows(list(text), allowed)}
+        return {"input_ids": [ids[a:b].tolist() for a, b in itertools.pairwise(starts)]}
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,) uint32, starts (n + 1,) int64): row k is ids[starts[k]:starts[k + 1]], each row
+        encoded as ordinary text. Threads take contiguous chunks of rows."""
+        threads = min(self.threads(), max(1, len(texts) // 16))
         if threads <= 1:
-            return {"input_ids": self._encode_chunk(texts, allowed)}
+            return self._encode_joined(texts)
         size = -(-len(texts) // threads)
         chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
-        encoded = self._pool().map(self._encode_chunk, chunks, itertools.repeat(allowed))
-        return {"input_ids": [ids for chunk in encoded for ids in chunk]}
+        return join_flat(list(self.pool().map(self._encode_joined, chunks)))
 
-    def _pool(self) -> ThreadPoolExecutor:
-        """One thread pool per process, made on first use (a pool per call cost ~0.3 ms)."""
-        if self._executor is None or self._executor_pid != os.getpid():
-            self._executor, self._executor_pid = ThreadPoolExecutor(self.num_threads), os.getpid()
-        return self._executor
+    def submit_flat(self, texts: list[str]) -> "Future | tuple[np.ndarray, np.ndarray]":
+        """`encode_flat(texts)` started in the pool (in-process), so that the caller can pack the
+        previous batch meanwhile; in a worker, the result itself."""
+        if self.threads() <= 1:
+            return self.encode_flat(texts)
+        return self.pool().submit(self.encode_flat, texts)
+
+    def _encode_joined(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """One encode_to_numpy call over the rows joined by EOS; the separators give the offsets."""
+        if not texts:
+            return np.empty(0, np.uint32), np.zeros(1, np.int64)
+        joined = EOS_TOKEN.join(texts)
+        if joined.count(EOS_TOKEN) != len(texts) - 1:  # a row holds the literal: encode it as text
+            return self._encode_with_literals(texts)
+        ids = self.encoding.encode_to_numpy(joined, allowed_special={EOS_TOKEN})  # (N + n - 1,)
+        seps = np.flatnonzero(ids == EOS_TOKEN_ID)  # (n - 1,) the separators, one per row boundary
+        starts = np.empty(len(texts) + 1, np.int64)
+        starts[0], starts[-1] = 0, len(ids) - len(seps)
+        starts[1:-1] = seps - np.arange(len(seps))  # each separator shifts the rest left by one
+        return np.delete(ids, seps), starts
+
+    def _encode_with_literals(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows holding the literal "<|endoftext|>" encoded one by one as text, the others joined."""
+        pieces = []
+        for literal, group in itertools.groupby(texts, key=lambda t: EOS_TOKEN in t):
+            rows = list(group)
+            if not literal:
+                pieces.append(self._encode_joined(rows))
+                continue
+            encoded = [np.asarray(self.encoding.encode_ordinary(t), np.uint32) for t in rows]
+            lengths = np.array([len(e) for e in encoded], np.int64)
+            pieces.append((np.concatenate(encoded), np.concatenate([[0], np.cumsum(lengths)])))
+        return join_flat(pieces)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_executor": None, "_executor_pid": None}  # threads do not pickle
@@ -104,11 +168,19 @@ class TiktokenGPT2:
         return f"TiktokenGPT2(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size})"
 
 
+def join_flat(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several (ids, starts) of consecutive row chunks as one (ids, starts)."""
+    ids = np.concatenate([p[0] for p in parts])
+    offsets = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
+    starts = np.concatenate([p[1][:-1] + o for p, o in zip(parts, offsets)] + [[len(ids)]])
+    return ids, starts.astype(np.int64, copy=False)
+
+
 def load_tokenizer(name_or_path: str | None = None, *, backend: str = "hf") -> Any:
     """The GPT-2 tokenizer. None: the bundled files (ids identical to the Hub's `gpt2`), offline.
 
     backend="hf" (default): transformers' GPT2TokenizerFast; any other `name_or_path` goes to
-    AutoTokenizer.from_pretrained. backend="tiktoken": `TiktokenGPT2`, same ids, 4.5-10x faster.
+    AutoTokenizer.from_pretrained. backend="tiktoken": `TiktokenGPT2`, same ids, several times faster.
     """
     check_choice("backend", backend, TOKENIZER_BACKENDS)
     if backend == "tiktoken":
@@ -134,6 +206,82 @@ def tokenizer_identity(tokenizer: Any) -> str:
     return f"{name}, vocab {size}"
 
 
+# ----------------------------------------------------------------------------------- encoders
+class HFFastEncoder:
+    """A transformers fast tokenizer's Rust backend, `encode_batch_fast` (no offsets): the same ids
+    as `tokenizer(texts, add_special_tokens=False, split_special_tokens=True)`, checked on the first
+    batch (else the call itself is used). Batches holding a special token's text go through the call."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        backend = tokenizer.backend_tokenizer
+        self.encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        self.specials = tuple(tokenizer.all_special_tokens)
+        self.checked = False
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if any(s in t for t in texts for s in self.specials):
+            return CallEncoder(self.tokenizer)(texts)
+        rows = [e.ids for e in self.encode_batch(texts, add_special_tokens=False)]
+        if not self.checked:
+            self.checked = True
+            if rows != CallEncoder.rows(self.tokenizer, texts):
+                logger.warning(
+                    "%s: its Rust batch encoder differs from its call: using the call", self.tokenizer
+                )
+                self.encode_batch = None
+                return CallEncoder(self.tokenizer)(texts)
+        return flatten(rows)
+
+    def __getstate__(self) -> dict:
+        return {"tokenizer": self.tokenizer, "checked": self.checked}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["tokenizer"])
+        self.checked = state["checked"]
+
+
+class CallEncoder:
+    """Any callable tokenizer: `tokenizer(texts, add_special_tokens=False, split_special_tokens=True)`,
+    about TOKENIZE_CHARS characters per call (its Python lists of ints cost ~32 bytes a token)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def rows(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+        out = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)
+        return list(out["input_ids"])
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        parts, start = [], 0
+        while start < len(texts):
+            end, chars = start + 1, len(texts[start])
+            while end < len(texts) and chars + len(texts[end]) <= TOKENIZE_CHARS:
+                chars, end = chars + len(texts[end]), end + 1
+            parts.append(flatten(self.rows(self.tokenizer, texts[start:end])))
+            start = end
+        return join_flat(parts) if parts else flatten([])
+
+
+def flatten(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids -> (ids (N,) int64, starts (n + 1,) int64)."""
+    lengths = np.fromiter(map(len, rows), np.int64, count=len(rows))
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.fromiter(itertools.chain.from_iterable(rows), np.int64, count=int(starts[-1]))
+    return ids, starts
+
+
+def make_encoder(tokenizer: Any) -> Any:
+    """The fastest exact encoder for `tokenizer`: texts -> (ids, starts), or a Future of them."""
+    if isinstance(tokenizer, TiktokenGPT2):
+        return tokenizer.submit_flat
+    if getattr(tokenizer, "is_fast", False) and hasattr(tokenizer, "backend_tokenizer"):
+        return HFFastEncoder(tokenizer)
+    return CallEncoder(tokenizer)
+
+
+# ----------------------------------------------------------------------------------- the document rule
 def starts_document(text: str, layout: str = "wikitext") -> bool:
     """True if this row opens a new document (and so gets an EOS in front of it).
 
@@ -145,91 +293,267 @@ def starts_document(text: str, layout: str = "wikitext") -> bool:
     return text.startswith(" = ") and not text.startswith(" = = ") and text.rstrip("\n").endswith(" = ")
 
 
-def resolve_layout(stream: datasets.IterableDataset, layout: str = "auto") -> str:
-    """Document rule: "wikitext" for the Hub's WikiText and the bundled sample, else "rows"."""
+def looks_like_wikitext(texts: Sequence[Any]) -> tuple[bool, str]:
+    """(verdict, why) from a stream's first rows: WikiText's layout has blank rows, a top-level
+    heading " = Title = " among them, and every other row starts with a space and ends in "\\n"."""
+    rows = [t for t in texts if isinstance(t, str)]
+    blank = sum(t == "" for t in rows)
+    headings = sum(starts_document(t) for t in rows if t)
+    lines = [t for t in rows if t]
+    shaped = bool(lines) and all(t.startswith(" ") and t.endswith("\n") for t in lines)
+    verdict = blank > 0 and headings > 0 and shaped
+    return verdict, f"{headings} heading and {blank} blank rows among the first {len(texts)}"
+
+
+def resolve_layout(
+    stream: datasets.IterableDataset, layout: str = "auto", source: SourceInfo | None = None
+) -> tuple[str, str]:
+    """(rule, why): `layout`, or for "auto" what the source says or its first rows look like."""
     check_choice("layout", layout, LAYOUTS)
     if layout != "auto":
-        return layout
-    return "wikitext" if stream.info.config_name == DATASET_CONFIG else "rows"
+        return layout, "asked for"
+    if source is not None and source.layout:
+        return source.layout, "the source is WikiText"
+    info = stream.info
+    if is_wikitext(info.dataset_name if info.dataset_name == "wikitext" else None, info.config_name):
+        return "wikitext", f"config {info.config_name}"
+    if stream.column_names is None:  # maybe a one-shot generator: reading it here would lose rows
+        return "rows", "auto: the stream cannot be peeked at"
+    first = [row[TEXT_COLUMN] for row in itertools.islice(stream, LAYOUT_PEEK_ROWS)]
+    verdict, why = looks_like_wikitext(first)
+    return ("wikitext", f"auto: {why}") if verdict else ("rows", f"auto: {why}")
 
 
-def check_encodable(texts: Sequence[str], indices: Sequence[int]) -> None:
-    """UnicodeError naming the row if a text cannot be UTF-8 encoded (a lone surrogate): HF's
+def check_encodable(texts: Sequence[str], rows: Sequence[int], where: str) -> None:
+    """ValueError naming the row if a text cannot be UTF-8 encoded (a lone surrogate): HF's
     tokenizer would fail with an unclear TypeError and tiktoken would silently write U+FFFD."""
     try:
         "".join(texts).encode("utf-8")
     except UnicodeEncodeError:
-        for index, text in zip(indices, texts):
+        for row, text in zip(rows, texts):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as err:
                 bad = text[err.start : err.end].encode("unicode_escape").decode()
                 raise ValueError(
-                    f"row {index}, column {TEXT_COLUMN!r}: not valid Unicode text ({bad} at character "
+                    f"row {row}{where}, column {TEXT_COLUMN!r}: not valid Unicode text ({bad} at character "
                     f"{err.start}, a lone surrogate): fix the source text"
                 ) from None
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str]) -> Iterator[list[int]]:
-    """Yield the token ids of each text, tokenizing about TOKENIZE_CHARS characters per call, so
-    the tokenizer's lists of Python ints (~32 bytes a token) never hold more than that at once."""
-    start = 0
-    while start < len(texts):
-        end, chars = start + 1, len(texts[start])
-        while end < len(texts) and chars + len(texts[end]) <= TOKENIZE_CHARS:
-            chars += len(texts[end])
-            end += 1
-        chunk = texts[start:end]
-        yield from tokenizer(chunk, add_special_tokens=False, split_special_tokens=True, verbose=False)[
-            "input_ids"
-        ]
-        start = end
+# ----------------------------------------------------------------------------------- token batches
+@dataclass(frozen=True, eq=False)
+class TokenBatch:
+    """Consecutive rows of one piece as one flat array: row k is ids[starts[k]:starts[k + 1]].
 
-
-def _tokenize_batch(
-    batch: dict,
-    indices: list[int],
-    *,
-    tokenizer: Any,
-    eos_token_id: int | None,
-    layout: str,
-    drop_blank: bool,
-) -> dict:
-    """Batched map function: {"text": [B strings]} -> {"input_ids": [<=B int32 arrays]}.
-
-    WikiText's blank rows ("") are layout and dropped (`drop_blank`); any other row without text
-    (None, or "" in the "rows" layout) stays as a 0-token row, so that the packer counts it.
+    ids: (N,) integer ids, each document's EOS included. starts: (n + 1,) int64 offsets.
+    piece, first_row, step: row k is row first_row + k * step of piece `piece`.
+    first_token: where row 0 starts within its row (a batch read from inside a row).
+    blank: (n,) bool, rows that are layout only (WikiText's blank rows), or None.
+    empty: (n,) bool, rows without text (None, or "" outside WikiText's layout), or None.
     """
-    if TEXT_COLUMN not in batch:
-        raise ValueError(f"the stream has no {TEXT_COLUMN!r} column; its columns are {sorted(batch)}")
-    rows, kept, keep_index = [], [], []
-    for index, text in zip(indices, batch[TEXT_COLUMN]):
-        if text is not None and not isinstance(text, str):
+
+    ids: np.ndarray
+    starts: np.ndarray
+    piece: int = 0
+    first_row: int = 0
+    step: int = 1
+    first_token: int = 0
+    blank: np.ndarray | None = None
+    empty: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.starts) - 1
+
+    def trim(self, tokens: int) -> "TokenBatch":
+        """This batch without the first `tokens` tokens of its first row."""
+        have = int(self.starts[1] - self.starts[0]) if self.rows else 0
+        if tokens > have:
+            raise ValueError(
+                f"corrupt checkpoint: position token={tokens}, but row {self.first_row} of piece "
+                f"{self.piece} has {have} tokens"
+            )
+        starts = self.starts - tokens
+        starts[0] = 0
+        return TokenBatch(
+            self.ids[tokens:], starts, self.piece, self.first_row, self.step, tokens, self.blank, self.empty
+        )
+
+
+def encode_texts(
+    encode: Any,
+    texts: list,
+    *,
+    piece: int,
+    first_row: int,
+    step: int,
+    layout: str,
+    eos: int | None,
+    label: str,
+) -> "TokenBatch | Future":
+    """Texts (str or None) -> TokenBatch, each document's row opened by `eos` (None: no EOS).
+
+    WikiText's blank rows ("" in the "wikitext" layout) are layout; other rows without text are
+    `empty` (the packer counts them). A value that is not a string names its row.
+    """
+    kept, blank, empty = [], np.zeros(len(texts), bool), np.zeros(len(texts), bool)
+    for i, text in enumerate(texts):
+        if isinstance(text, str) and text:
+            kept.append(i)
+        elif text == "" and layout == "wikitext":
+            blank[i] = True
+        elif text is None or text == "":
+            empty[i] = True
+        else:
             kind = type(text).__name__
             raise TypeError(
-                f"row {index}, column {TEXT_COLUMN!r}: expected a string or None, got {kind} {text!r:.60}"
+                f"row {first_row + i * step}{label}, column {TEXT_COLUMN!r}: expected a string or None, "
+                f"got {kind} {text!r:.60}"
             )
-        if text == "" and layout == "wikitext" and drop_blank:
-            continue
-        rows.append(None if not text else len(kept))
-        if text:
-            kept.append(text)
-            keep_index.append(index)
-    check_encodable(kept, keep_index)
-    encoded = list(encode_texts(tokenizer, kept))
-    out = []
-    for slot in rows:
-        if slot is None:
-            out.append(np.empty(0, dtype=np.int32))
-            continue
-        text, ids = kept[slot], encoded[slot]
-        start = int(eos_token_id is not None and starts_document(text, layout))
-        row = np.empty(start + len(ids), dtype=np.int32)  # 4 bytes a token, not a Python int's ~32
-        row[start:] = ids
-        if start:
-            row[0] = eos_token_id
-        out.append(row)
-    return {"input_ids": out}
+    rows = [texts[i] for i in kept]
+    check_encodable(rows, [first_row + i * step for i in kept], label)
+    doc = [eos is not None and starts_document(t, layout) for t in rows]
+    parts = dict(piece=piece, first_row=first_row, step=step, blank=blank, empty=empty)
+    return _assemble(encode(rows), np.array(kept, np.int64), np.array(doc, bool), len(texts), eos, parts)
+
+
+def _assemble(
+    encoded: Any, kept: np.ndarray, doc: np.ndarray, n: int, eos: int | None, parts: dict
+) -> "TokenBatch | Future":
+    """The TokenBatch from the encoder's (ids, starts) of the kept rows, or a Future of it."""
+    if isinstance(encoded, Future):
+        out: Future = Future()
+        encoded.add_done_callback(
+            lambda f: _settle(out, lambda: _assemble(f.result(), kept, doc, n, eos, parts))
+        )
+        return out
+    ids, kept_starts = encoded
+    at = kept_starts[:-1][doc]  # (d,) where each document's row begins
+    ids = np.insert(ids, at, eos) if len(at) else ids
+    lengths = np.zeros(n, np.int64)
+    lengths[kept] = np.diff(kept_starts) + doc  # a document's row holds its EOS
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return TokenBatch(ids, starts, **parts)
+
+
+def _settle(out: Future, make: Any) -> None:
+    try:
+        out.set_result(make())
+    except Exception as err:  # noqa: BLE001 - handed to the waiting reader, which raises it
+        out.set_exception(err)
+
+
+# ----------------------------------------------------------------------------------- the stream
+@dataclass(frozen=True, eq=False)
+class TokenStream:
+    """Step 2's output: a lazy stream of GPT-2 token rows, {"input_ids": (n,) int32} each.
+
+    text: the text rows (a datasets stream with a `text` column), cut into pieces on first use.
+    layout: the document rule asked for ("auto" is decided on first use: `rule`).
+    source: the SourceInfo of a stream from load_text_stream, else None (then `name` identifies it).
+    Iterating it (or `take(n)`) reads every piece in order; `StreamingLMIterableDataset` reads its
+    pieces by `read()`, as flat TokenBatches.
+    """
+
+    text: datasets.IterableDataset
+    tokenizer: Any
+    layout: str
+    eos: int | None
+    batch_rows: int
+    source: SourceInfo | None
+    name: str
+    encoder: Any = field(default=None, repr=False)
+
+    @functools.cached_property
+    def pieces(self) -> datasets.IterableDataset:
+        """The text cut into pieces (parquet: row groups; else shards, e.g. files)."""
+        return piece_streams(self.text)
+
+    @functools.cached_property
+    def rule(self) -> tuple[str, str]:
+        """(document rule, why): `layout`, or what "auto" decided (it may read the first rows)."""
+        return resolve_layout(self.text, self.layout, self.source)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match: the source, the tokenizer, the document rule, the EOS setting."""
+        return {
+            "source": dict(self.source.identity) if self.source is not None else {"name": self.name},
+            "tokenizer": tokenizer_identity(self.tokenizer),
+            "layout": self.rule[0],
+            "separate_documents": self.eos is not None,
+        }
+
+    @property
+    def description(self) -> str:
+        """Where the text comes from and which document rule was chosen, and why."""
+        where = self.source.description if self.source is not None else self.name
+        return f"{where}; documents: {self.rule[0]} ({self.rule[1]})"
+
+    @property
+    def n_pieces(self) -> int:
+        return self.pieces.num_shards
+
+    @property
+    def piece_weights(self) -> tuple[int, ...] | None:
+        weights = self.source.piece_weights if self.source is not None else None
+        return weights if weights is not None and len(weights) == self.n_pieces else None
+
+    @property
+    def piece_rows(self) -> tuple[int, ...] | None:
+        rows = self.source.piece_rows if self.source is not None else None
+        return rows if rows is not None and len(rows) == self.n_pieces else None
+
+    def _label(self, piece: int) -> str:
+        return f" of piece {piece}" if self.n_pieces > 1 else ""
+
+    def read(self, piece: int, row: int = 0, step: int = 1, offset: int = 0) -> Iterator[TokenBatch]:
+        """TokenBatches of piece `piece` from row `row` (with step > 1: only rows whose index % step ==
+        offset). In-process, the next batch is read and tokenized in the pool while this one is used."""
+        return self._encoded(piece, row, step, offset)
+
+    def _encoded(self, piece: int | None, row: int, step: int, offset: int) -> Iterator[TokenBatch]:
+        """The piece's batches encoded (None: the whole stream); in-process the next batch is read
+        and tokenized in the pool while the caller packs this one."""
+        stream = self.text if piece is None else self.pieces
+        texts = read_piece_text(
+            stream, piece, row, self.batch_rows, step=step, offset=offset, source=self.source
+        )
+        layout, label, pending = self.rule[0], self._label(piece or 0) if piece is not None else "", None
+        for first, rows in texts:
+            batch = encode_texts(
+                self.encoder,
+                rows,
+                piece=piece,
+                first_row=first,
+                step=step,
+                layout=layout,
+                eos=self.eos,
+                label=label,
+            )
+            if pending is not None:
+                yield _result(pending)
+            pending = batch
+        if pending is not None:
+            yield _result(pending)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every row in order, {"input_ids": (n,) int32}, read in one pass over the stream (not piece
+        by piece: a remote file is opened once); WikiText's blank rows are left out."""
+        for batch in self._encoded(None, 0, 1, 0):
+            ids = batch.ids.astype(np.int32, copy=False)
+            for k in range(batch.rows):
+                if batch.blank is None or not batch.blank[k]:
+                    yield {"input_ids": ids[batch.starts[k] : batch.starts[k + 1]]}
+
+    def take(self, n: int) -> list[dict[str, np.ndarray]]:
+        """The first `n` rows (as iterating gives them)."""
+        return list(itertools.islice(self, check_positive_int("n", n)))
+
+
+def _result(batch: "TokenBatch | Future") -> TokenBatch:
+    return batch.result() if isinstance(batch, Future) else batch
 
 
 def tokenize_stream(
@@ -239,51 +563,43 @@ def tokenize_stream(
     separate_documents: bool = True,
     layout: str = "auto",
     batch_rows: int = TOKENIZE_BATCH_ROWS,
-) -> datasets.IterableDataset:
-    """Step 2: lazily tokenize a text stream -> `datasets.IterableDataset` of {"input_ids": (n,) int32}.
+) -> TokenStream:
+    """Step 2: lazily tokenize a text stream -> a `TokenStream` of {"input_ids": (n,) int32} rows.
 
-    No padding, no truncation, one output row per input row (WikiText's blank rows dropped; rows
+    No padding, no truncation, one output row per input row (WikiText's blank rows left out; rows
     without text are 0-token rows, counted and reported by the packer). Memory holds one batch of
-    `batch_rows` rows (fewer for local files of long rows: about TOKENIZE_BATCH_CHARS characters)
-    plus one tokenizer call's Python lists (<= TOKENIZE_CHARS characters).
+    `batch_rows` rows (fewer when rows are long: about TOKENIZE_BATCH_CHARS characters).
     With `separate_documents`, EOS (50256) goes in front of every row that opens a document:
-    `layout` "wikitext" (WikiText articles), "rows" (every row) or "auto" (wikitext for the Hub's
-    WikiText and the bundled sample, rows for anything else). A literal "<|endoftext|>" in the text
-    is encoded as ordinary text, never as the separator.
+    `layout` "wikitext" (WikiText articles), "rows" (every row) or "auto" (see the module's
+    docstring; `tokens.description` says what it chose). A literal "<|endoftext|>" in the text is
+    encoded as ordinary text, never as the separator. Nothing is read until the stream is used.
     """
     if tokenizer is None or not callable(tokenizer):
         raise TypeError(f"tokenizer must be a callable tokenizer (see load_tokenizer()), got {tokenizer!r}")
     batch_rows = check_positive_int("batch_rows", batch_rows)
-    row_chars = getattr(stream, "mean_row_chars", None)  # set by load_text_stream for local files
-    if row_chars:  # long documents: fewer rows per batch, so memory holds ~TOKENIZE_BATCH_CHARS of text
-        batch_rows = max(1, min(batch_rows, int(TOKENIZE_BATCH_CHARS // row_chars)))
+    check_choice("layout", layout, LAYOUTS)
     if isinstance(stream, datasets.Dataset):
         stream = stream.to_iterable_dataset()
     if not isinstance(stream, datasets.IterableDataset):
         raise TypeError(f"tokenize_stream needs a datasets.IterableDataset, got {type(stream).__name__}")
-    layout = resolve_layout(stream, layout)
-    columns = stream.column_names  # None when unknown (from_generator): the map names them instead
+    columns = stream.column_names  # None when unknown (from_generator): the reader names them instead
     if columns is not None and TEXT_COLUMN not in columns:
         raise ValueError(f"the stream has no {TEXT_COLUMN!r} column; its columns are {columns}")
+    source = stream.source if isinstance(stream, TextStream) else None
+    if source is None:
+        logger.info(
+            "the stream carries no SourceInfo (not from load_text_stream): checkpoints check its name"
+        )
+    if source is not None and source.row_chars:  # long documents: fewer rows, ~TOKENIZE_BATCH_CHARS a batch
+        batch_rows = max(1, min(batch_rows, int(TOKENIZE_BATCH_CHARS // source.row_chars)))
+    text = stream.select_columns([TEXT_COLUMN]) if columns is not None and len(columns) > 1 else stream
     eos = tokenizer.eos_token_id if separate_documents else None
-    settings = {
-        "tokenizer": tokenizer_identity(tokenizer),
-        "layout": layout,
-        "separate_documents": separate_documents,
-    }
-    source, provenance = (
-        stream,
-        getattr(stream, "provenance", {"source": stream.info.description or "stream"}),
-    )
-    known = columns is not None  # unknown columns stay until after the map: no row may be dropped then
-    fn = functools.partial(
-        _tokenize_batch, tokenizer=tokenizer, eos_token_id=eos, layout=layout, drop_blank=known
-    )
-    if known:  # keep only `text`, so that dropping blank rows cannot misalign other columns
-        stream = stream.select_columns([TEXT_COLUMN])
-    remove = [TEXT_COLUMN] if known else None
-    mapped = stream.map(fn, batched=True, batch_size=batch_rows, with_indices=True, remove_columns=remove)
-    mapped = mapped if known else mapped.select_columns(["input_ids"])
-    mapped.provenance = {**provenance, **settings}  # what a checkpoint must match
-    mapped.piece_weights = getattr(source, "piece_weights", None)  # sizes of the pieces, if known
-    return mapped
+    name = stream_name(stream)
+    return TokenStream(text, tokenizer, layout, eos, batch_rows, source, name, make_encoder(tokenizer))
+
+
+def stream_name(stream: datasets.IterableDataset) -> str:
+    """A short name for a datasets stream without a SourceInfo."""
+    info = stream.info
+    name = "/".join(filter(None, [info.dataset_name or info.builder_name, info.config_name]))
+    return info.description or f"{name or 'in-memory stream'}, {stream.num_shards} shards"

@@ -4,6 +4,7 @@ Most tests stream unique token ids (conftest.unique_token_stream), so a token se
 is caught by comparing sorted lists, not by eye.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,16 +181,20 @@ def test_resume_of_a_plain_iterable_mid_row():
     assert_same_batches(head + list(fresh), full)
 
 
-def test_dataset_state_holds_the_carried_tokens():
+def test_dataset_state_holds_the_position_of_the_next_token_not_tokens():
     stream, rows = unique_token_stream()
     dataset = L.StreamingLMIterableDataset(stream, BLOCK)
-    it = iter(dataset)
-    first = next(it)
-    state = dataset.state_dict()
-    assert state["blocks"] == 1 and state["tokens"] == BLOCK
+    first = next(iter(dataset))
     tokens = row_tokens_sorted(rows)
     assert first["input_ids"].tolist() == tokens[:BLOCK]
-    assert state["carry"] == tokens[BLOCK : BLOCK + len(state["carry"])]  # read, not yet emitted
+    (part,) = dataset.state_dict()["parts"]
+    state = part["sources"]["main"]
+    assert state["blocks"] == 1 and state["tokens"] == BLOCK
+    piece, row, token = state["next"]  # token BLOCK of the stream: find it by counting
+    lengths = [len(r) for r in rows]
+    before = sum(lengths[:row])  # the 6 pieces of 10 rows: piece 0 holds rows 0-9
+    assert piece == 0 and before + token == BLOCK and token < lengths[row]
+    assert "carry" not in state  # no tokens in a checkpoint: a resume reads them again
 
 
 def test_a_second_pass_after_resume_starts_from_the_beginning():
@@ -211,8 +216,9 @@ def collate(blocks):
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"block_size": 32}, "block_size: saved 16, now 32"),
-        ({"rank": 1, "world_size": 2}, "world_size: saved 1, now 2"),
+        ({"block_size": 32}, "settings.block_size: saved 16, now 32"),
+        ({"shuffle": True}, "settings.shuffle: saved False, now True"),
+        ({"epochs": None}, "settings.epochs: saved 1, now None"),
     ],
 )
 def test_state_from_another_configuration_is_refused(change, match):
@@ -221,31 +227,69 @@ def test_state_from_another_configuration_is_refused(change, match):
     next(iter(dataset))
     state = dataset.state_dict()
     other = L.StreamingLMIterableDataset(stream, **{"block_size": BLOCK, **change})
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as err:
         other.load_state_dict(state)
+    assert "may change: world_size" in str(err.value)  # the message says what may change
 
 
 def test_state_from_another_source_is_refused(tokenizer):
     stream, _ = unique_token_stream()
     dataset = L.StreamingLMIterableDataset(stream, BLOCK)
     other = L.StreamingLMIterableDataset(L.tokenize_stream(L.load_text_stream("local"), tokenizer), BLOCK)
-    with pytest.raises(ValueError, match="source"):
+    with pytest.raises(ValueError, match=r"settings\.sources\.main\.identity\.source"):
         other.load_state_dict(dataset.state_dict())
-    with pytest.raises(ValueError, match="missing"):
-        other.load_state_dict({"carry": []})
 
 
-def test_resume_is_exact_between_worker_snapshots(tokenizer):
-    """With snapshot_every_n_steps=4, torchdata replays from the last snapshot: still exact."""
+@pytest.mark.parametrize("per_transfer", [1, 4])
+def test_resume_is_exact_whatever_the_batches_per_transfer(tokenizer, per_transfer):
+    """Workers ship several batches at a time; a state taken between them is still exact."""
     full = list(L.make_dataloader(text_dataset(tokenizer), batch_size=4, num_workers=2))
     for k in (1, 5, 7):
         loader = L.make_dataloader(
-            text_dataset(tokenizer), batch_size=4, num_workers=2, snapshot_every_n_steps=4
+            text_dataset(tokenizer), batch_size=4, num_workers=2, transfer_batches=per_transfer
         )
         it = iter(loader)
         head = [next(it) for _ in range(k)]
         fresh = L.make_dataloader(
-            text_dataset(tokenizer), batch_size=4, num_workers=2, snapshot_every_n_steps=4
+            text_dataset(tokenizer), batch_size=4, num_workers=2, transfer_batches=per_transfer
         )
         fresh.load_state_dict(loader.state_dict())
         assert_same_batches(head + list(fresh), full)
+
+
+def test_a_users_collate_fn_and_dataloader_arguments_pass_through():
+    stream, rows = unique_token_stream()
+    seen = []
+
+    def my_collate(blocks):
+        seen.append(len(blocks))
+        return {"ids": torch.as_tensor(np.stack([b["input_ids"] for b in blocks]))}
+
+    for workers in (0, 2):
+        loader = L.make_dataloader(
+            L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True),
+            batch_size=4,
+            num_workers=workers,
+            collate_fn=my_collate,
+            timeout=60 if workers else 0,
+        )
+        batches = list(loader)
+        assert all(set(b) == {"ids"} for b in batches)
+        assert sorted(
+            t for b in batches for t in b["ids"].reshape(-1).tolist() if t != L.EOS_TOKEN_ID
+        ) == row_tokens_sorted(rows)
+    assert seen and max(seen) == 4
+
+
+def test_batch_size_and_drop_last_are_what_was_given_and_drop_last_is_reported(caplog):
+    stream, rows = unique_token_stream()
+    loader = L.make_dataloader(
+        L.StreamingLMIterableDataset(stream, BLOCK, pad_last=True), batch_size=5, drop_last=True
+    )
+    assert (loader.batch_size, loader.drop_last) == (5, True)
+    with caplog.at_level("WARNING"):
+        batches = list(loader)
+    assert all(b["input_ids"].shape == (5, BLOCK) for b in batches)
+    held = loader.not_yielded["tokens"]
+    assert held > 0 and len(real_tokens_sorted(batches)) + held == len(row_tokens_sorted(rows))
+    assert "drop_last=True" in caplog.text

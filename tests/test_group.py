@@ -38,10 +38,11 @@ def test_a_stream_that_fills_blocks_exactly_has_no_padded_block():
 
 def test_dropped_tail_is_counted_and_logged(caplog):
     packer = RollingBuffer(block_size=4)
-    with caplog.at_level("INFO", logger="lab2_helpers"):
-        blocks = list(packer.pack([[1, 2, 3], [4, 5, 6]]))
-    assert len(blocks) == 1 and packer.dropped == 2
-    assert "pad_last=True" in caplog.text
+    assert packer.push(np.array([1, 2, 3, 4, 5, 6])).tolist() == [[1, 2, 3, 4]]
+    assert packer.finish(pad_last=False) is None and packer.dropped == 2
+    with caplog.at_level("WARNING"):
+        assert len(list(L.group_texts_streaming([[1, 2, 3], [4, 5, 6]], block_size=4))) == 1
+    assert "dropped the final 2 tokens" in caplog.text and "pad_last=True" in caplog.text
 
 
 def test_rows_may_be_dicts_lists_arrays_or_tensors():
@@ -67,20 +68,15 @@ def test_row_without_input_ids_is_named():
 
 
 def test_carry_is_the_read_but_unemitted_tokens():
-    rows, read = [list(range(i * 100, i * 100 + 37)) for i in range(60)], []
-
-    def reading():
-        for row in rows:
-            read.append(row)
-            yield row
-
-    packer = RollingBuffer(block_size=16)
-    emitted = []
-    for block in packer.pack(reading()):
-        emitted += block["input_ids"].tolist()
-        assert emitted + packer.carry().tolist() == [t for row in read for t in row]
-    resumed = RollingBuffer(block_size=4, carry=[5, 6]).pack([[7, 8]])
-    assert next(resumed)["input_ids"].tolist() == [5, 6, 7, 8]
+    rows = [list(range(i * 100, i * 100 + 37)) for i in range(60)]
+    packer, emitted, read = RollingBuffer(block_size=16), [], []
+    for row in rows:
+        read += row
+        emitted += packer.push(np.array(row)).reshape(-1).tolist()
+        assert emitted + packer.carry().tolist() == read  # every token read is emitted or carried
+        assert packer.pushed - packer.emitted == len(packer.carry()) < 16
+    last = packer.finish(pad_last=True)
+    assert emitted + last["input_ids"][last["attention_mask"] == 1].tolist() == read
 
 
 @settings(max_examples=300, deadline=None)

@@ -27,17 +27,19 @@ def test_every_piece_or_row_belongs_to_exactly_one_part(n_pieces, world_size, nu
         for r in range(world_size)
         for w in range(num_workers)
     ]
-    n_rows = 7  # rows per piece: a part keeps (piece, row) where its running row index matches
+    n_rows = 7  # rows per piece: a task keeps the rows whose index % step == offset
     owners = {}
-    for part, plan in enumerate(plans):
-        sequence = [(p, i) for p in plan.pieces for i in range(n_rows)]
-        for index, item in enumerate(sequence):
-            if index % plan.step == plan.offset:
-                assert item not in owners, f"{item} read by parts {owners[item]} and {part}"
-                owners[item] = part
+    for part, tasks in enumerate(plans):
+        for task in tasks:
+            for row in range(task.row, n_rows):
+                if row % task.step == task.offset:
+                    assert (task.piece, row) not in owners, (
+                        f"{(task.piece, row)} read by parts {owners[(task.piece, row)]} and {part}"
+                    )
+                    owners[(task.piece, row)] = part
     assert len(owners) == n_pieces * n_rows
     if n_pieces >= world_size * num_workers:  # enough pieces: whole pieces only, every part busy
-        assert all(plan.step == 1 and plan.pieces for plan in plans)
+        assert all(tasks and all(t.step == 1 for t in tasks) for tasks in plans)
 
 
 def test_runs_are_contiguous_in_the_order_and_balanced():
@@ -73,7 +75,7 @@ def test_bundled_sample_parts_start_at_an_article(tokenizer):
     tokens = L.tokenize_stream(L.load_text_stream("local"), tokenizer)
     for rank in range(3):
         dataset = L.StreamingLMIterableDataset(tokens, pad_last=True, rank=rank, world_size=3)
-        assert dataset._plan(epoch=0).step == 1  # whole pieces, not every n-th row
+        assert all(t.step == 1 for t in dataset.layout("main", 2).plan(0, rank, 0))  # whole pieces
         loader = iter(L.make_dataloader(dataset, batch_size=1, num_workers=2))
         first_of_each_worker = [next(loader)["input_ids"][0, 0] for _ in range(2)]  # workers take turns
         assert first_of_each_worker == [L.EOS_TOKEN_ID] * 2
