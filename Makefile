@@ -45,7 +45,7 @@ test-floor:
 	$(FLOOR_VENV)/bin/pip install --quiet "$(TORCH)"
 	sed -E 's/>=/==/; s/#.*//' requirements.txt | grep -vE '^torch==|^\s*$$' > $(FLOOR_VENV)/floor.txt
 	$(FLOOR_VENV)/bin/pip install --quiet -r $(FLOOR_VENV)/floor.txt pytest hypothesis
-	$(FLOOR_VENV)/bin/pip list 2>/dev/null | grep -iE '^(datasets|transformers|tiktoken|torchdata|numpy|pyarrow|torch) '
+	$(FLOOR_VENV)/bin/pip list 2>/dev/null | grep -iE '^(datasets|transformers|tiktoken|tokenizers|numpy|pyarrow|torch) '
 	$(FLOOR_VENV)/bin/python -m pytest -o addopts="" -q tests/test_dataset.py tests/test_epochs.py tests/test_training.py
 
 lint: install

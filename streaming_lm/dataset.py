@@ -369,7 +369,10 @@ class StreamingLMIterableDataset(torch.utils.data.IterableDataset):
                     f" source {name!r}" if self.mixture else ""
                 )
                 rows = self.sources[name].piece_rows
-                check_part(PartState.from_dict(value), saved, self.settings, first, end, where, rows)
+                last = (
+                    None if self.mixture and self.mixture.on_exhausted == "repeat" else end
+                )  # may run ahead
+                check_part(PartState.from_dict(value), saved, self.settings, first, last, where, rows)
 
 
 def check_part(

@@ -16,7 +16,7 @@ block is a position, not the carried tokens. With shuffling, the blocks are cut 
 import collections
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,9 +42,17 @@ class TokenSource(Protocol):
     identity: dict[str, Any]
     description: str
 
-    def read(self, piece: int, row: int = 0, step: int = 1, offset: int = 0) -> Iterator[TokenBatch]:
-        """TokenBatches of `piece` from `row` (only rows with index % step == offset)."""
+    def read_tasks(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
+        """(task index, TokenBatch) of each task's piece in turn, from its row (rows with index %
+        step == offset); the task's `token` is the caller's to trim."""
         ...
+
+
+def one_by_one(source: Any, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
+    """`read_tasks` of a source that reads one piece at a time (`source.read`)."""
+    for index, task in enumerate(tasks):
+        for batch in source.read(task.piece, task.row, task.step, task.offset):
+            yield index, batch
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +83,9 @@ class DatasetRows:
     @property
     def identity(self) -> dict[str, Any]:
         return {"source": {"name": self.description}}
+
+    def read_tasks(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
+        return one_by_one(self, tasks)
 
     def read(self, piece: int, row: int = 0, step: int = 1, offset: int = 0) -> Iterator[TokenBatch]:
         one = self.pieces.shard(num_shards=self.n_pieces, index=piece, contiguous=True)
@@ -149,6 +160,9 @@ class IterableRows:
     @property
     def identity(self) -> dict[str, Any]:
         return {"source": {"name": self.description}}
+
+    def read_tasks(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
+        return one_by_one(self, tasks)
 
     def read(self, piece: int, row: int = 0, step: int = 1, offset: int = 0) -> Iterator[TokenBatch]:
         rows = itertools.islice(self.rows, row, None)
@@ -237,23 +251,24 @@ class Tape:
         self.first_empty: int | None = None
 
     def _read(self, cursor: int, start: Position | None) -> Iterator[Record]:
-        for index in range(cursor, len(self.tasks)):
-            task = (
-                self.tasks[index].from_(start) if index == cursor and start is not None else self.tasks[index]
+        tasks = list(self.tasks[cursor:])
+        if tasks and start is not None:
+            tasks[0] = tasks[0].from_(start)
+        untrimmed = {i for i, t in enumerate(tasks) if t.token}  # tasks that start inside a row
+        for index, batch in self.source.read_tasks(tasks):
+            task = tasks[index]
+            if index in untrimmed:  # its first batch: leave out the tokens before the task's start
+                batch = batch.trim(task.token)
+                untrimmed.discard(index)
+            after = Position(task.piece, batch.first_row + batch.rows * task.step, 0)
+            self.cursor = (cursor + index, after)  # set before the batch is pushed: no query in between
+            yield Record(self.packer.pushed, batch, cursor + index)
+        if untrimmed:
+            task = tasks[min(untrimmed)]
+            raise ValueError(
+                f"corrupt checkpoint: position {task.start.to_list()}: piece {task.piece} has no such row"
             )
-            token = task.token
-            for batch in self.source.read(task.piece, task.row, task.step, task.offset):
-                if token:  # the task starts inside its first row
-                    batch, token = batch.trim(token), 0
-                after = Position(task.piece, batch.first_row + batch.rows * task.step, 0)
-                self.cursor = (index, after)  # set before the batch is pushed: no query in between
-                yield Record(self.packer.pushed, batch, index)
-            if token:
-                raise ValueError(
-                    f"corrupt checkpoint: position {task.start}: piece {task.piece} has no such row"
-                )
-            following = self.tasks[index + 1].start if index + 1 < len(self.tasks) else None
-            self.cursor = (index + 1, following)
+        self.cursor = (len(self.tasks), None)
 
     def position(self, count: int) -> tuple[int, Position | None]:
         """(task index, position) of token number `count` (the cursor if all pushed are counted)."""

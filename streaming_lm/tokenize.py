@@ -26,6 +26,7 @@ import functools
 import itertools
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from .config import (
     TOKENIZER_BACKENDS,
     TOKENIZER_DIR,
 )
+from .parts import Task
 from .source import SourceInfo, TextStream, is_wikitext, piece_streams, read_piece_text
 
 logger = logging.getLogger(__name__)
@@ -117,19 +119,20 @@ class TiktokenGPT2:
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) uint32, starts (n + 1,) int64): row k is ids[starts[k]:starts[k + 1]], each row
         encoded as ordinary text. Threads take contiguous chunks of rows."""
+        encoded = self.submit_flat(texts)
+        return encoded.result() if isinstance(encoded, Future) else encoded
+
+    def submit_flat(self, texts: list[str]) -> "Future | tuple[np.ndarray, np.ndarray]":
+        """`encode_flat(texts)` started in the pool, one chunk of rows per thread (in-process), so
+        that the caller can pack the previous batch meanwhile; in a worker, the result itself."""
         threads = min(self.threads(), max(1, len(texts) // 16))
         if threads <= 1:
             return self._encode_joined(texts)
         size = -(-len(texts) // threads)
-        chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
-        return join_flat(list(self.pool().map(self._encode_joined, chunks)))
-
-    def submit_flat(self, texts: list[str]) -> "Future | tuple[np.ndarray, np.ndarray]":
-        """`encode_flat(texts)` started in the pool (in-process), so that the caller can pack the
-        previous batch meanwhile; in a worker, the result itself."""
-        if self.threads() <= 1:
-            return self.encode_flat(texts)
-        return self.pool().submit(self.encode_flat, texts)
+        chunks = [
+            self.pool().submit(self._encode_joined, texts[i : i + size]) for i in range(0, len(texts), size)
+        ]
+        return gather_futures(chunks)
 
     def _encode_joined(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """One encode_to_numpy call over the rows joined by EOS; the separators give the offsets."""
@@ -166,6 +169,23 @@ class TiktokenGPT2:
 
     def __repr__(self) -> str:
         return f"TiktokenGPT2(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size})"
+
+
+def gather_futures(chunks: list[Future]) -> Future:
+    """One Future of the joined (ids, starts) of chunk futures, done when the last chunk is."""
+    out: Future = Future()
+    left, lock = [len(chunks)], threading.Lock()
+
+    def done(_: Future) -> None:
+        with lock:  # pool threads finish at once
+            left[0] -= 1
+            last = not left[0]
+        if last:
+            _settle(out, lambda: join_flat([c.result() for c in chunks]))
+
+    for chunk in chunks:
+        chunk.add_done_callback(done)
+    return out
 
 
 def join_flat(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +230,9 @@ def tokenizer_identity(tokenizer: Any) -> str:
 class HFFastEncoder:
     """A transformers fast tokenizer's Rust backend, `encode_batch_fast` (no offsets): the same ids
     as `tokenizer(texts, add_special_tokens=False, split_special_tokens=True)`, checked on the first
-    batch (else the call itself is used). Batches holding a special token's text go through the call."""
+    batch (else the call itself is used). Batches holding a special token's text go through the call.
+    In-process a batch is encoded in a helper thread (the Rust encoder releases the GIL and uses all
+    cores) while the caller packs the previous one."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -218,9 +240,19 @@ class HFFastEncoder:
         self.encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
         self.specials = tuple(tokenizer.all_special_tokens)
         self.checked = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_pid: int | None = None
 
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        if any(s in t for t in texts for s in self.specials):
+    def __call__(self, texts: list[str]) -> "tuple[np.ndarray, np.ndarray] | Future":
+        if in_worker():
+            return self.encode(texts)
+        if self._executor is None or self._executor_pid != os.getpid():
+            self._executor, self._executor_pid = ThreadPoolExecutor(1), os.getpid()
+        return self._executor.submit(self.encode, texts)
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        joined = "\0".join(texts)  # one scan for special tokens' text (\0 never joins two rows into one)
+        if self.encode_batch is None or any(s in joined for s in self.specials):
             return CallEncoder(self.tokenizer)(texts)
         rows = [e.ids for e in self.encode_batch(texts, add_special_tokens=False)]
         if not self.checked:
@@ -381,23 +413,24 @@ class TokenBatch:
         )
 
 
-def encode_texts(
-    encode: Any,
-    texts: list,
-    *,
-    piece: int,
-    first_row: int,
-    step: int,
-    layout: str,
-    eos: int | None,
-    label: str,
-) -> "TokenBatch | Future":
-    """Texts (str or None) -> TokenBatch, each document's row opened by `eos` (None: no EOS).
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """Rows of one piece read together: row k is row first_row + k * step of piece `piece`, the
+    plan's task `task` (texts: str or None)."""
 
-    WikiText's blank rows ("" in the "wikitext" layout) are layout; other rows without text are
-    `empty` (the packer counts them). A value that is not a string names its row.
-    """
-    kept, blank, empty = [], np.zeros(len(texts), bool), np.zeros(len(texts), bool)
+    task: int
+    piece: int
+    first_row: int
+    step: int
+    texts: list
+
+
+def classify(segment: Segment, layout: str, label: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(rows with text, blank (n,) bool, empty (n,) bool) of a segment. WikiText's blank rows ("" in
+    the "wikitext" layout) are layout; other rows without text are `empty` (the packer counts them);
+    a value that is not a string, or not valid Unicode, names its row."""
+    texts, n = segment.texts, len(segment.texts)
+    kept, blank, empty = [], np.zeros(n, bool), np.zeros(n, bool)
     for i, text in enumerate(texts):
         if isinstance(text, str) and text:
             kept.append(i)
@@ -406,22 +439,38 @@ def encode_texts(
         elif text is None or text == "":
             empty[i] = True
         else:
-            kind = type(text).__name__
             raise TypeError(
-                f"row {first_row + i * step}{label}, column {TEXT_COLUMN!r}: expected a string or None, "
-                f"got {kind} {text!r:.60}"
+                f"row {segment.first_row + i * segment.step}{label}, column {TEXT_COLUMN!r}: expected a "
+                f"string or None, got {type(text).__name__} {text!r:.60}"
             )
-    rows = [texts[i] for i in kept]
-    check_encodable(rows, [first_row + i * step for i in kept], label)
-    doc = [eos is not None and starts_document(t, layout) for t in rows]
-    parts = dict(piece=piece, first_row=first_row, step=step, blank=blank, empty=empty)
-    return _assemble(encode(rows), np.array(kept, np.int64), np.array(doc, bool), len(texts), eos, parts)
+    rows = [segment.first_row + i * segment.step for i in kept]
+    check_encodable([texts[i] for i in kept], rows, label)
+    return kept, blank, empty
+
+
+def encode_segments(
+    encode: Any, segments: list[Segment], *, layout: str, eos: int | None, labels: list[str]
+) -> "list[tuple[int, TokenBatch]] | Future":
+    """Segments -> [(task, TokenBatch)], tokenized together in one call (or a Future of that list),
+    each document's row opened by `eos` (None: no EOS)."""
+    kept, blank, empty, texts = [], [], [], []
+    base = 0
+    for segment, label in zip(segments, labels):
+        rows, b, e = classify(segment, layout, label)
+        kept += [base + i for i in rows]
+        texts += [segment.texts[i] for i in rows]
+        blank.append(b)
+        empty.append(e)
+        base += len(segment.texts)
+    doc = np.array([eos is not None and starts_document(t, layout) for t in texts], bool)
+    parts = (segments, np.concatenate(blank), np.concatenate(empty))
+    return _assemble(encode(texts), np.array(kept, np.int64), doc, base, eos, parts)
 
 
 def _assemble(
-    encoded: Any, kept: np.ndarray, doc: np.ndarray, n: int, eos: int | None, parts: dict
-) -> "TokenBatch | Future":
-    """The TokenBatch from the encoder's (ids, starts) of the kept rows, or a Future of it."""
+    encoded: Any, kept: np.ndarray, doc: np.ndarray, n: int, eos: int | None, parts: tuple
+) -> "list[tuple[int, TokenBatch]] | Future":
+    """The per-segment TokenBatches from the encoder's (ids, starts) of the kept rows, or a Future."""
     if isinstance(encoded, Future):
         out: Future = Future()
         encoded.add_done_callback(
@@ -434,7 +483,24 @@ def _assemble(
     lengths = np.zeros(n, np.int64)
     lengths[kept] = np.diff(kept_starts) + doc  # a document's row holds its EOS
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return TokenBatch(ids, starts, **parts)
+    segments, blank, empty = parts
+    out, row = [], 0
+    for segment in segments:
+        end = row + len(segment.texts)
+        a, b = starts[row], starts[end]
+        batch = TokenBatch(
+            ids[a:b],
+            starts[row : end + 1] - a,
+            segment.piece,
+            segment.first_row,
+            segment.step,
+            0,
+            blank[row:end],
+            empty[row:end],
+        )
+        out.append((segment.task, batch))
+        row = end
+    return out
 
 
 def _settle(out: Future, make: Any) -> None:
@@ -510,38 +576,52 @@ class TokenStream:
 
     def read(self, piece: int, row: int = 0, step: int = 1, offset: int = 0) -> Iterator[TokenBatch]:
         """TokenBatches of piece `piece` from row `row` (with step > 1: only rows whose index % step ==
-        offset). In-process, the next batch is read and tokenized in the pool while this one is used."""
-        return self._encoded(piece, row, step, offset)
+        offset)."""
+        for _, batch in self.read_tasks([Task(piece, row, 0, step, offset)]):
+            yield batch
 
-    def _encoded(self, piece: int | None, row: int, step: int, offset: int) -> Iterator[TokenBatch]:
-        """The piece's batches encoded (None: the whole stream); in-process the next batch is read
-        and tokenized in the pool while the caller packs this one."""
-        stream = self.text if piece is None else self.pieces
-        texts = read_piece_text(
-            stream, piece, row, self.batch_rows, step=step, offset=offset, source=self.source
-        )
-        layout, label, pending = self.rule[0], self._label(piece or 0) if piece is not None else "", None
-        for first, rows in texts:
-            batch = encode_texts(
-                self.encoder,
-                rows,
-                piece=piece,
-                first_row=first,
-                step=step,
-                layout=layout,
-                eos=self.eos,
-                label=label,
+    def read_tasks(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
+        """(task index, TokenBatch) of each task's piece in turn, from its row (its `token` is the
+        caller's to trim). Rows of consecutive tasks are tokenized together, about `batch_rows` at a
+        time; in-process the next group is read while the pool tokenizes this one."""
+        group: list[Segment] = []
+        pending = None
+        for index, task in enumerate(tasks):
+            piece = task.piece
+            texts = read_piece_text(
+                self.pieces,
+                piece,
+                task.row,
+                self.batch_rows,
+                step=task.step,
+                offset=task.offset,
+                source=self.source,
             )
+            for first, rows in texts:
+                group.append(Segment(index, piece, first, task.step, rows))
+                if sum(len(g.texts) for g in group) >= self.batch_rows:
+                    submitted, group = self._encode(group), []
+                    if pending is not None:
+                        yield from _result(pending)
+                    pending = submitted
+        if group:
+            submitted = self._encode(group)
             if pending is not None:
-                yield _result(pending)
-            pending = batch
+                yield from _result(pending)
+            pending = submitted
         if pending is not None:
-            yield _result(pending)
+            yield from _result(pending)
+
+    def _encode(self, group: list[Segment]) -> "list[tuple[int, TokenBatch]] | Future":
+        labels = [self._label(g.piece) for g in group]
+        return encode_segments(self.encoder, group, layout=self.rule[0], eos=self.eos, labels=labels)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Every row in order, {"input_ids": (n,) int32}, read in one pass over the stream (not piece
         by piece: a remote file is opened once); WikiText's blank rows are left out."""
-        for batch in self._encoded(None, 0, 1, 0):
+        texts = read_piece_text(self.text, None, 0, self.batch_rows, source=self.source)
+        for first, rows in texts:
+            ((_, batch),) = _result(self._encode([Segment(0, 0, first, 1, rows)]))
             ids = batch.ids.astype(np.int32, copy=False)
             for k in range(batch.rows):
                 if batch.blank is None or not batch.blank[k]:
@@ -552,8 +632,8 @@ class TokenStream:
         return list(itertools.islice(self, check_positive_int("n", n)))
 
 
-def _result(batch: "TokenBatch | Future") -> TokenBatch:
-    return batch.result() if isinstance(batch, Future) else batch
+def _result(encoded: Any) -> Any:
+    return encoded.result() if isinstance(encoded, Future) else encoded
 
 
 def tokenize_stream(
