@@ -25,6 +25,7 @@ IGNORE_INDEX = -100  # label of padding: ignored by torch.nn.functional.cross_en
 TOKENIZE_BATCH_ROWS = 1000  # rows read and tokenized together (fewer when rows are long, see below)
 TOKENIZE_BATCH_CHARS = 4_000_000  # characters per tokenizing batch, about: fewer rows when rows are long
 TOKENIZE_CHARS = 1_000_000  # characters per tokenizer call, about, for the fallback paths' Python lists
+LONG_ROW_CHARS = 65_536  # characters: longer rows are cut for the GPT-2 encoders' threads (same ids)
 SAMPLE_BYTES = 1 << 20  # bytes read from a text/JSON file to estimate its row length
 LAYOUT_PEEK_ROWS = 50  # rows of a stream's first piece read to decide its document rule ("auto")
 SHUFFLE_WINDOW_BLOCKS = 256  # blocks shuffled together per part (256 x 256 tokens x 8 bytes = 0.5 MiB)

@@ -18,6 +18,7 @@ When a source's epoch runs out (`on_exhausted`):
   "first_exhausted"); what the other sources had left of their epoch is not read in this pass.
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -121,7 +122,7 @@ class MixReader:
         self.chosen, self.key = mix["chosen"], [mixture.seed, *mix["key"]]
         self._stratum: tuple[int, np.ndarray] | None = None
         first = next(iter(readers.values()))
-        self.rank, self.worker = first.rank, first.worker
+        self.rank, self.worker, self.block_size = first.rank, first.worker, first.settings.block_size
 
     @property
     def ended(self) -> bool:
@@ -141,24 +142,25 @@ class MixReader:
         return np.concatenate(out)
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Up to n blocks, each from the source drawn for it; None when the pass is over."""
+        """Up to n blocks, each from the source drawn for it ((m, T) ids and mask); None when the
+        pass is over. Runs of the same source are taken at once, into one output array."""
         if self.ended:
             return None
-        draws, ids, masks, i = self._draws(n), [], [], 0
-        while i < len(draws):
-            j = i + 1
-            while j < len(draws) and draws[j] == draws[i]:
-                j += 1
-            got = self._take_from(self.names[draws[i]], j - i)
-            if got is None:
-                break
-            ids.append(got[0])
-            masks.append(got[1])
-            i += len(got[0])  # fewer than the run when the source's buffer ran low: the run goes on
-            self.chosen += len(got[0])
-        if not ids:
-            return None
-        return (ids[0], masks[0]) if len(ids) == 1 else (np.concatenate(ids), np.concatenate(masks))
+        draws = self._draws(n)
+        runs = [0, *(np.flatnonzero(draws[1:] != draws[:-1]) + 1).tolist(), n]
+        ids, mask = np.empty((n, self.block_size), np.int64), np.empty((n, self.block_size), np.int64)
+        filled = 0
+        for start, end in itertools.pairwise(runs):
+            name = self.names[draws[start]]
+            while filled < end:  # fewer than the run when the source's buffer ran low: the run goes on
+                got = self._take_from(name, end - filled)
+                if got is None:  # the pass is over
+                    return (ids[:filled], mask[:filled]) if filled else None
+                k = len(got[0])
+                ids[filled : filled + k], mask[filled : filled + k] = got
+                filled += k
+                self.chosen += k
+        return ids, mask
 
     def _take_from(self, name: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Up to n blocks of source `name`, applying `on_exhausted` at the end of its epochs."""

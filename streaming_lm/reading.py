@@ -26,7 +26,7 @@ import numpy as np
 from .config import EOS_TOKEN_ID, GPT2_VOCAB_SIZE, SHUFFLE_WINDOW_BLOCKS
 from .packing import RollingBuffer, as_id_array, out_of_vocabulary, token_ids, warn_dropped, warn_empty
 from .parts import Layout, PartState, Position, Task, Window
-from .source import piece_streams
+from .source import Pieces
 from .tokenize import TokenBatch, TokenStream, flatten
 
 logger = logging.getLogger(__name__)
@@ -62,9 +62,9 @@ class DatasetRows:
     stream: datasets.IterableDataset
 
     @property
-    def pieces(self) -> datasets.IterableDataset:
+    def pieces(self) -> Pieces:
         if "_pieces" not in self.__dict__:
-            object.__setattr__(self, "_pieces", piece_streams(self.stream))
+            object.__setattr__(self, "_pieces", Pieces(self.stream))  # this frozen value's own cache
         return self.__dict__["_pieces"]
 
     @property
@@ -88,7 +88,7 @@ class DatasetRows:
         return one_by_one(self, tasks)
 
     def read(self, piece: int, row: int = 0, step: int = 1, offset: int = 0) -> Iterator[TokenBatch]:
-        one = self.pieces.shard(num_shards=self.n_pieces, index=piece, contiguous=True)
+        one = self.pieces.get(piece)
         typed = one.features is not None
         batches = one.with_format("arrow").iter(ROWS_PER_BATCH) if typed else one.iter(ROWS_PER_BATCH)
         first = 0
@@ -211,6 +211,21 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def ones(shape: tuple[int, int]) -> np.ndarray:
+    """A read-only (k, T) int64 array of ones: the mask of k whole blocks, shared (no allocation
+    per take; writing into a block's mask raises instead of changing others)."""
+    k, size = shape
+    cached = _ONES.get(size)
+    if cached is None or len(cached) < k:
+        cached = np.ones((max(k, 256), size), np.int64)
+        cached.setflags(write=False)
+        _ONES[size] = cached
+    return cached[:k]
+
+
+_ONES: dict[int, np.ndarray] = {}  # block size -> a read-only array of ones (a cache)
 
 
 # ----------------------------------------------------------------------------------- the tape
@@ -417,8 +432,9 @@ class PartReader:
         return self._count(out)
 
     def _count(self, out: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        self.blocks += len(out[0])
-        self.tokens += int(out[1].sum())
+        ids, mask = out
+        self.blocks += len(ids)
+        self.tokens += ids.size if not mask.flags.writeable else int(mask.sum())  # shared ones: whole blocks
         return out
 
     def _take_in_order(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -426,7 +442,7 @@ class PartReader:
             return None
         blocks = self.tape.take(n)
         if blocks is not None:
-            return blocks, np.ones(blocks.shape, np.int64)
+            return blocks, ones(blocks.shape)
         self.done = True
         last = self.tape.finish()
         self.tail_dropped = self.tape.packer.dropped
@@ -473,7 +489,7 @@ class PartReader:
         size, parts, masks = self.settings.shuffle_window, [], []
         while (have := sum(map(len, parts))) < size and (blocks := tape.take(size - have)) is not None:
             parts.append(blocks)
-            masks.append(np.ones(blocks.shape, np.int64))
+            masks.append(ones(blocks.shape))
         end, dropped = tape.position(tape.taken)[1], 0
         if sum(map(len, parts)) < size:  # the tasks ran out: the tail goes in (padded) or is dropped
             last, end = tape.finish(), None

@@ -470,6 +470,29 @@ def load_hub_stream(
 
 
 # ----------------------------------------------------------------------------------- reading pieces
+class Pieces:
+    """A stream cut into its pieces (`piece_streams`); `get(piece)` is that piece's own stream,
+    made once per process: datasets' `shard()` deep-copies the stream's info and makes a
+    shared-memory tensor every time it is called."""
+
+    def __init__(self, stream: datasets.IterableDataset) -> None:
+        self.stream = piece_streams(stream)
+        self._open: dict[tuple[int, int], datasets.IterableDataset] = {}
+
+    @property
+    def num_shards(self) -> int:
+        return self.stream.num_shards
+
+    def get(self, piece: int) -> datasets.IterableDataset:
+        key = (os.getpid(), piece)
+        if key not in self._open:
+            self._open[key] = self.stream.shard(num_shards=self.num_shards, index=piece, contiguous=True)
+        return self._open[key]
+
+    def __getstate__(self) -> dict:
+        return {"stream": self.stream, "_open": {}}  # each process opens its own
+
+
 def piece_streams(stream: datasets.IterableDataset) -> datasets.IterableDataset:
     """`stream` cut into its pieces (parquet: one per row group; else its shards, e.g. files)."""
     try:
@@ -501,7 +524,7 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 
 def read_piece_text(
-    pieces: datasets.IterableDataset,
+    pieces: "Pieces | datasets.IterableDataset",
     piece: int | None,
     start_row: int,
     batch_rows: int,
@@ -509,10 +532,11 @@ def read_piece_text(
     step: int = 1,
     offset: int = 0,
     source: SourceInfo | None = None,
-) -> Iterator[tuple[int, list]]:
+) -> Iterator[tuple[int, Any]]:
     """The text of one piece (None: the whole stream, in one pass) from row `start_row`, in
-    batches: yields (row index of the batch's first row within the piece, list of texts (str or
-    None)). With step > 1 only the rows whose index % step == offset (the others are read and skipped).
+    batches: yields (row index of the batch's first row within the piece, texts: an Arrow string
+    array, or a list of str or None for an untyped stream). With step > 1 only the rows whose
+    index % step == offset (the others are read and skipped).
 
     A local file datasets cannot read raises one ValueError naming it (and the line, for JSON
     lines). A Hub read that fails is retried (WARNING each time) until HUB_READ_DEADLINE_SECONDS
@@ -533,7 +557,7 @@ def read_piece_text(
 
 
 def _arrow_batches(
-    pieces: datasets.IterableDataset, piece: int | None, batch_rows: int, source: SourceInfo | None
+    pieces: "Pieces | datasets.IterableDataset", piece: int | None, batch_rows: int, source: SourceInfo | None
 ) -> tuple[Iterator[Any], bool]:
     """(batches, typed) of one piece. Local files are read directly (pyarrow for parquet row groups
     and JSON lines, `text_file_rows` for text): going through datasets costs ~1 ms per piece to set
@@ -542,9 +566,7 @@ def _arrow_batches(
     stream is typed, dicts of Python lists when not."""
     if piece is not None and source is not None and source.local is not None:
         return local_batches(source, piece, batch_rows)
-    one = (
-        pieces if piece is None else pieces.shard(num_shards=pieces.num_shards, index=piece, contiguous=True)
-    )
+    one = pieces if piece is None else pieces.get(piece)
     typed = one.features is not None  # arrow-backed: whole batches as Arrow arrays, no per-row Python
     batches = (
         one.with_format("arrow").iter(batch_size=batch_rows) if typed else one.iter(batch_size=batch_rows)
@@ -585,7 +607,7 @@ def _text_batches(path: str, batch_rows: int) -> Iterator[dict[str, list[str]]]:
 
 
 def _piece_batches(
-    pieces: datasets.IterableDataset,
+    pieces: "Pieces | datasets.IterableDataset",
     piece: int | None,
     progress: ReadProgress,
     batch_rows: int,
@@ -608,16 +630,16 @@ def _piece_batches(
         skip = progress.rows - seen
         texts = texts[skip:] if skip else texts
         first, seen = progress.rows, seen + n
-        texts = texts.to_pylist() if typed else list(texts)
+        texts = texts.combine_chunks() if typed and isinstance(texts, pyarrow.ChunkedArray) else texts
         if step > 1:
             keep = [i for i in range(len(texts)) if (first + i) % step == offset]
             if not keep:
                 progress.rows = seen
                 continue
-            texts = [texts[i] for i in range(keep[0], len(texts), step)]
+            texts = texts.take(keep) if typed else [texts[i] for i in keep]
             first += keep[0]
         progress.rows = seen
-        yield first, texts
+        yield first, texts if typed else list(texts)
     if progress.rows - seen >= step:  # a start row past the piece's end: no run could be there
         raise ValueError(
             f"corrupt checkpoint: position row={progress.rows}, but piece {piece} has {seen} rows"

@@ -22,10 +22,12 @@ The document rule decides where an EOS (50256) goes:
   else "rows". `TokenStream.description` says which rule was chosen, and why.
 """
 
+import collections
 import functools
 import itertools
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +45,7 @@ from .config import (
     EOS_TOKEN_ID,
     LAYOUT_PEEK_ROWS,
     LAYOUTS,
+    LONG_ROW_CHARS,
     TEXT_COLUMN,
     TOKENIZE_BATCH_CHARS,
     TOKENIZE_BATCH_ROWS,
@@ -51,9 +54,12 @@ from .config import (
     TOKENIZER_DIR,
 )
 from .parts import Task
-from .source import SourceInfo, TextStream, is_wikitext, piece_streams, read_piece_text
+from .source import Pieces, SourceInfo, TextStream, is_wikitext, read_piece_text
 
 logger = logging.getLogger(__name__)
+READ_AHEAD = 2  # token groups being tokenized ahead of the one packed, per stream (in-process)
+THREAD_CHARS = 16_384  # characters: a smaller batch is encoded by one thread (a thread's turn costs ~50 us)
+SAFE_CUT = re.compile(r"(?<=\S) (?=[^\W\d_])")  # one space between a non-space and a letter
 
 
 def in_worker() -> bool:
@@ -125,13 +131,14 @@ class TiktokenGPT2:
     def submit_flat(self, texts: list[str]) -> "Future | tuple[np.ndarray, np.ndarray]":
         """`encode_flat(texts)` started in the pool, one chunk of rows per thread (in-process), so
         that the caller can pack the previous batch meanwhile; in a worker, the result itself."""
-        threads = min(self.threads(), max(1, len(texts) // 16))
+        lengths = np.fromiter(map(len, texts), np.int64, count=len(texts))
+        threads = min(self.threads(), len(texts), max(1, int(lengths.sum()) // THREAD_CHARS))
         if threads <= 1:
             return self._encode_joined(texts)
-        size = -(-len(texts) // threads)
-        chunks = [
-            self.pool().submit(self._encode_joined, texts[i : i + size]) for i in range(0, len(texts), size)
-        ]
+        share = np.cumsum(lengths) * threads // max(int(lengths.sum()), 1)  # (n,) which thread, by characters
+        cuts = [0, *np.searchsorted(share, np.arange(1, threads), side="left").tolist(), len(texts)]
+        pool = self.pool()
+        chunks = [pool.submit(self._encode_joined, texts[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
         return gather_futures(chunks)
 
     def _encode_joined(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -227,6 +234,15 @@ def tokenizer_identity(tokenizer: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------- encoders
+def gpt2_pretokenizer(tokenizer: Any) -> bool:
+    """True if a fast tokenizer splits text as GPT-2 does before BPE (byte-level, GPT-2's regex, no
+    prefix space, no normalizer): then `cut_long` keeps its ids (the bundled GPT-2 files do)."""
+    backend = tokenizer.backend_tokenizer
+    pre = backend.pre_tokenizer
+    byte_level = type(pre).__name__ == "ByteLevel" and getattr(pre, "use_regex", False)
+    return backend.normalizer is None and byte_level and not getattr(pre, "add_prefix_space", True)
+
+
 class HFFastEncoder:
     """A transformers fast tokenizer's Rust backend, `encode_batch_fast` (no offsets): the same ids
     as `tokenizer(texts, add_special_tokens=False, split_special_tokens=True)`, checked on the first
@@ -236,6 +252,7 @@ class HFFastEncoder:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.cuts_long_rows = gpt2_pretokenizer(tokenizer)
         backend = tokenizer.backend_tokenizer
         self.encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
         self.specials = tuple(tokenizer.all_special_tokens)
@@ -254,16 +271,21 @@ class HFFastEncoder:
         joined = "\0".join(texts)  # one scan for special tokens' text (\0 never joins two rows into one)
         if self.encode_batch is None or any(s in joined for s in self.specials):
             return CallEncoder(self.tokenizer)(texts)
-        rows = [e.ids for e in self.encode_batch(texts, add_special_tokens=False)]
         if not self.checked:
-            self.checked = True
-            if rows != CallEncoder.rows(self.tokenizer, texts):
-                logger.warning(
-                    "%s: its Rust batch encoder differs from its call: using the call", self.tokenizer
-                )
-                self.encode_batch = None
-                return CallEncoder(self.tokenizer)(texts)
-        return flatten(rows)
+            self.check(texts)
+        if self.encode_batch is None:
+            return CallEncoder(self.tokenizer)(texts)
+        return flatten([e.ids for e in self.encode_batch(texts, add_special_tokens=False)])
+
+    def check(self, texts: list[str]) -> None:
+        """Compare the Rust encoder with the call on a prefix of the first batch (16 rows of at most
+        1,000 characters: cheap next to the batch); on any difference, use the call from now on."""
+        self.checked = True
+        sample = [t[:1000] for t in texts[:16]]
+        rows = [e.ids for e in self.encode_batch(sample, add_special_tokens=False)]
+        if rows != CallEncoder.rows(self.tokenizer, sample):
+            logger.warning("%s: its Rust batch encoder differs from its call: using the call", self.tokenizer)
+            self.encode_batch = None
 
     def __getstate__(self) -> dict:
         return {"tokenizer": self.tokenizer, "checked": self.checked}
@@ -304,10 +326,22 @@ def flatten(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, starts
 
 
+class TiktokenEncoder:
+    """`TiktokenGPT2.submit_flat` as an encoder: texts -> (ids, starts), or a Future of them."""
+
+    cuts_long_rows = True  # GPT-2's pre-tokenizer: see cut_long
+
+    def __init__(self, tokenizer: TiktokenGPT2) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: list[str]) -> "tuple[np.ndarray, np.ndarray] | Future":
+        return self.tokenizer.submit_flat(texts)
+
+
 def make_encoder(tokenizer: Any) -> Any:
     """The fastest exact encoder for `tokenizer`: texts -> (ids, starts), or a Future of them."""
     if isinstance(tokenizer, TiktokenGPT2):
-        return tokenizer.submit_flat
+        return TiktokenEncoder(tokenizer)
     if getattr(tokenizer, "is_fast", False) and hasattr(tokenizer, "backend_tokenizer"):
         return HFFastEncoder(tokenizer)
     return CallEncoder(tokenizer)
@@ -425,10 +459,15 @@ class Segment:
     texts: list
 
 
-def classify(segment: Segment, layout: str, label: str) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """(rows with text, blank (n,) bool, empty (n,) bool) of a segment. WikiText's blank rows ("" in
-    the "wikitext" layout) are layout; other rows without text are `empty` (the packer counts them);
-    a value that is not a string, or not valid Unicode, names its row."""
+def classify(segment: Segment, layout: str, eos: int | None, label: str) -> tuple:
+    """(kept, texts, blank, empty, doc) of a segment: the indices of its rows with text and those
+    texts; blank (n,) bool, WikiText's blank rows ("" in the "wikitext" layout, layout only); empty
+    (n,) bool, other rows without text (the packer counts them); doc (len(kept),) bool, the rows that
+    open a document. Arrow text is classified by pyarrow compute (only kept rows become Python
+    strings; Arrow strings are valid UTF-8); a Python value that is not a string, or not valid
+    Unicode, names its row."""
+    if not isinstance(segment.texts, list):
+        return _classify_arrow(segment.texts, layout, eos)
     texts, n = segment.texts, len(segment.texts)
     kept, blank, empty = [], np.zeros(n, bool), np.zeros(n, bool)
     for i, text in enumerate(texts):
@@ -443,9 +482,48 @@ def classify(segment: Segment, layout: str, label: str) -> tuple[list[int], np.n
                 f"row {segment.first_row + i * segment.step}{label}, column {TEXT_COLUMN!r}: expected a "
                 f"string or None, got {type(text).__name__} {text!r:.60}"
             )
-    rows = [segment.first_row + i * segment.step for i in kept]
-    check_encodable([texts[i] for i in kept], rows, label)
-    return kept, blank, empty
+    rows = [texts[i] for i in kept]
+    check_encodable(rows, [segment.first_row + i * segment.step for i in kept], label)
+    doc = np.array([eos is not None and starts_document(t, layout) for t in rows], bool)
+    return np.array(kept, np.int64), rows, blank, empty, doc
+
+
+def _classify_arrow(texts: Any, layout: str, eos: int | None) -> tuple:
+    """`classify` of an Arrow string array, vectorized."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    valid = np.asarray(texts.is_valid())  # (n,) False: null
+    has_text = np.asarray(pc.binary_length(texts).fill_null(0)) > 0  # (n,)
+    blank = valid & ~has_text if layout == "wikitext" else np.zeros(len(texts), bool)
+    empty = ~has_text & ~blank
+    kept = np.flatnonzero(has_text)
+    rows = texts.filter(pa.array(has_text)) if len(kept) < len(texts) else texts
+    if eos is None or layout == "rows":
+        doc = np.full(len(kept), eos is not None)
+    else:  # " = Title = " rows, not " = = Section = = "
+        heading = pc.and_(pc.starts_with(rows, " = "), pc.invert(pc.starts_with(rows, " = = ")))
+        doc = np.asarray(pc.and_(heading, pc.ends_with(pc.utf8_rtrim(rows, characters="\n"), " = ")), bool)
+    return kept, rows.to_pylist(), blank, empty, doc
+
+
+def cut_long(texts: list[str], size: int = LONG_ROW_CHARS) -> tuple[list[str], np.ndarray]:
+    """(pieces, owner): rows longer than `size` characters cut where GPT-2's pre-tokenizer starts a
+    new piece anyway (one space between a non-space and a letter), so that they can be encoded in
+    parallel with exactly the ids of the whole row (tested on the bundled book, both backends);
+    owner[k] is the row of piece k."""
+    if all(len(t) <= size for t in texts):
+        return texts, np.arange(len(texts))
+    pieces, owner = [], []
+    for row, text in enumerate(texts):
+        start = 0
+        while len(text) - start > size and (match := SAFE_CUT.search(text, start + size)):
+            pieces.append(text[start : match.start()])
+            owner.append(row)
+            start = match.start()
+        pieces.append(text[start:])
+        owner.append(row)
+    return pieces, np.array(owner, np.int64)
 
 
 def encode_segments(
@@ -453,18 +531,19 @@ def encode_segments(
 ) -> "list[tuple[int, TokenBatch]] | Future":
     """Segments -> [(task, TokenBatch)], tokenized together in one call (or a Future of that list),
     each document's row opened by `eos` (None: no EOS)."""
-    kept, blank, empty, texts = [], [], [], []
+    kept, blank, empty, texts, doc = [], [], [], [], []
     base = 0
     for segment, label in zip(segments, labels):
-        rows, b, e = classify(segment, layout, label)
-        kept += [base + i for i in rows]
-        texts += [segment.texts[i] for i in rows]
+        rows, some, b, e, d = classify(segment, layout, eos, label)
+        kept.append(rows + base)
+        texts += some
         blank.append(b)
         empty.append(e)
+        doc.append(d)
         base += len(segment.texts)
-    doc = np.array([eos is not None and starts_document(t, layout) for t in texts], bool)
-    parts = (segments, np.concatenate(blank), np.concatenate(empty))
-    return _assemble(encode(texts), np.array(kept, np.int64), doc, base, eos, parts)
+    pieces, owner = cut_long(texts) if getattr(encode, "cuts_long_rows", False) else (texts, None)
+    parts = (segments, np.concatenate(blank), np.concatenate(empty), owner)
+    return _assemble(encode(pieces), np.concatenate(kept), np.concatenate(doc), base, eos, parts)
 
 
 def _assemble(
@@ -477,13 +556,16 @@ def _assemble(
             lambda f: _settle(out, lambda: _assemble(f.result(), kept, doc, n, eos, parts))
         )
         return out
+    segments, blank, empty, owner = parts
     ids, kept_starts = encoded
+    if owner is not None and len(owner) != len(kept):  # rows were cut in pieces: one start per row
+        firsts = np.searchsorted(owner, np.arange(len(kept)))
+        kept_starts = np.concatenate([kept_starts[firsts], kept_starts[-1:]])
     at = kept_starts[:-1][doc]  # (d,) where each document's row begins
     ids = np.insert(ids, at, eos) if len(at) else ids
     lengths = np.zeros(n, np.int64)
     lengths[kept] = np.diff(kept_starts) + doc  # a document's row holds its EOS
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    segments, blank, empty = parts
     out, row = [], 0
     for segment in segments:
         end = row + len(segment.texts)
@@ -532,9 +614,9 @@ class TokenStream:
     encoder: Any = field(default=None, repr=False)
 
     @functools.cached_property
-    def pieces(self) -> datasets.IterableDataset:
+    def pieces(self) -> Pieces:
         """The text cut into pieces (parquet: row groups; else shards, e.g. files)."""
-        return piece_streams(self.text)
+        return Pieces(self.text)
 
     @functools.cached_property
     def rule(self) -> tuple[str, str]:
@@ -583,14 +665,14 @@ class TokenStream:
     def read_tasks(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
         """(task index, TokenBatch) of each task's piece in turn, from its row (its `token` is the
         caller's to trim). Rows of consecutive tasks are tokenized together, about `batch_rows` at a
-        time; in-process the next group is read while the pool tokenizes this one."""
+        time; in-process READ_AHEAD groups are tokenized in the pool while the caller packs
+        (two: a mixture's sources share the pool, and one waiting behind another's group stalls)."""
         group: list[Segment] = []
-        pending = None
+        pending: collections.deque = collections.deque()
         for index, task in enumerate(tasks):
-            piece = task.piece
             texts = read_piece_text(
                 self.pieces,
-                piece,
+                task.piece,
                 task.row,
                 self.batch_rows,
                 step=task.step,
@@ -598,19 +680,16 @@ class TokenStream:
                 source=self.source,
             )
             for first, rows in texts:
-                group.append(Segment(index, piece, first, task.step, rows))
+                group.append(Segment(index, task.piece, first, task.step, rows))
                 if sum(len(g.texts) for g in group) >= self.batch_rows:
-                    submitted, group = self._encode(group), []
-                    if pending is not None:
-                        yield from _result(pending)
-                    pending = submitted
+                    pending.append(self._encode(group))
+                    group = []
+                    if len(pending) > READ_AHEAD:
+                        yield from _result(pending.popleft())
         if group:
-            submitted = self._encode(group)
-            if pending is not None:
-                yield from _result(pending)
-            pending = submitted
-        if pending is not None:
-            yield from _result(pending)
+            pending.append(self._encode(group))
+        while pending:
+            yield from _result(pending.popleft())
 
     def _encode(self, group: list[Segment]) -> "list[tuple[int, TokenBatch]] | Future":
         labels = [self._label(g.piece) for g in group]

@@ -60,12 +60,15 @@ def train_steps(
     bf16: bool = False,
 ) -> Iterator[dict[str, float]]:
     """Yield one record per training step: step (1-based), loss, tokens, data_wait_s (time spent
-    waiting for the batch), step_s (the whole step). `bf16`: autocast the forward pass to bfloat16."""
+    waiting for the batch), step_s (the whole step). `bf16`: autocast the forward pass to bfloat16.
+    Stops early if the batches run out (a finite number of epochs)."""
     model.train()
     batches = iter(batches)
     for step in range(1, steps + 1):
         start = time.perf_counter()
-        batch = next(batches)
+        batch = next(batches, None)
+        if batch is None:
+            return
         waited = time.perf_counter() - start
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             loss = lm_loss(model, batch, device)

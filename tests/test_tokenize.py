@@ -164,3 +164,36 @@ def test_long_documents_raise_no_length_warning(tokenizer, capfd):
         tokenizer.model_max_length = bundled_max
     assert len(row["input_ids"]) == 1 + 3001  # EOS + every token: no truncation
     assert "longer than the specified maximum" not in capfd.readouterr().err
+
+
+def test_long_rows_cut_for_threads_give_exactly_the_ids_of_the_whole_row(
+    tokenizer, fast_tokenizer, sample_rows
+):
+    """Rows longer than LONG_ROW_CHARS are cut where GPT-2's pre-tokenizer starts a piece anyway and
+    encoded in parallel: the ids equal the whole row's, on the whole book and on tricky text."""
+    from streaming_lm.tokenize import cut_long, make_encoder
+
+    book = "".join(sample_rows)
+    tricky = "".join(TRICKY).replace("<|endoftext|>", "") * 300
+    for text in (book, tricky):
+        pieces, owner = cut_long([text], size=2000)
+        assert len(pieces) > 5 and "".join(pieces) == text and set(owner.tolist()) == {0}
+        for tok in (tokenizer, fast_tokenizer):
+            encoder = make_encoder(tok)
+            assert encoder.cuts_long_rows
+            encoded = encoder(pieces)
+            ids, _ = encoded.result() if hasattr(encoded, "result") else encoded
+            whole = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            assert ids.tolist() == whole
+
+
+def test_a_book_in_one_row_streams_the_same_tokens_through_the_cut(fast_tokenizer, sample_rows, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "book.parquet"
+    pq.write_table(pa.table({"text": ["".join(sample_rows)]}), path)
+    tokens = L.tokenize_stream(L.load_text_stream(data_files=str(path)), fast_tokenizer)
+    (row,) = list(tokens)
+    expected = [EOS] + fast_tokenizer.encoding.encode_ordinary("".join(sample_rows))
+    assert row["input_ids"].tolist() == expected

@@ -1,7 +1,9 @@
 """Training on the stream: document positions, EOS targets, and scripts/train.py surviving SIGKILL."""
 
+import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,13 +89,17 @@ def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_uninterrupted_l
     process.wait()
     assert torch.load(crashed / "checkpoint.pt", weights_only=False)["step"] == 8
     (crashed / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill during a write leaves
-    subprocess.run(
+    with open(crashed / "log.jsonl", "a") as log:
+        log.write('{"step": 10, "loss": 7.1')  # as a kill while a line is written leaves
+    run = subprocess.run(
         [*TRAIN, *args, "--out", str(crashed), "--resume"],
         check=True,
         env=env,
         capture_output=True,
+        text=True,
         timeout=600,
     )
+    assert run.stdout.count("dropped a partial last line") == 1
     resumed = read_log(crashed)
     assert [r["step"] for r in resumed] == list(range(1, 15))  # every step once
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]  # exactly the uninterrupted run
@@ -105,3 +111,114 @@ def test_the_default_run_loses_a_nat_within_40_steps(tmp_path):
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=900)
     losses = [r["loss"] for r in read_log(tmp_path)]
     assert len(losses) == 40 and min(losses[-5:]) < losses[0] - 1.0
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00garbage, not a checkpoint" * 10)
+    cmd = [*TRAIN, "--steps", "2", "--checkpoint-every", "1", "--out", str(tmp_path), "--resume", *SMALL]
+    run = subprocess.run(
+        cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert "checkpoint.pt is damaged" in line and "start afresh" in line
+
+
+# ----------------------------------------------------------------------------- resume elsewhere
+VALIDATION = sorted(str(f) for f in C.SAMPLE_DIR.glob(C.SAMPLE_FILES.format(split="validation")))
+EPOCH = [
+    "--data-files",
+    *VALIDATION,
+    "--epochs",
+    "1",
+    "--trace-tokens",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--backend",
+    "tiktoken",
+]
+
+
+def corpus_tokens():
+    tokens = L.tokenize_stream(
+        L.load_text_stream(data_files=VALIDATION), L.load_tokenizer(backend="tiktoken")
+    )
+    return collections.Counter(int(t) for row in tokens for t in row["input_ids"])
+
+
+def traced(out):
+    """(tokens of every step of every rank, steps per rank) from OUT/tokens-rank*.jsonl."""
+    tokens, steps = collections.Counter(), {}
+    for path in sorted(out.glob("tokens-rank*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        steps[path.name] = [r["step"] for r in records]
+        tokens.update(t for r in records for t in r["tokens"])
+    return tokens, steps
+
+
+def held_back(stdout):
+    return sum(int(n) for n in re.findall(r"(\d+) tokens held back", stdout))
+
+
+def test_resume_with_other_num_workers_reads_the_epoch_exactly_once(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = [
+        *TRAIN,
+        "--steps",
+        "5",
+        "--checkpoint-every",
+        "5",
+        "--out",
+        str(tmp_path),
+        "--num-workers",
+        "2",
+        *EPOCH,
+    ]
+    subprocess.run(first, check=True, env=env, capture_output=True, timeout=600)
+    rest = [
+        *TRAIN,
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "1000",
+        "--out",
+        str(tmp_path),
+        "--resume",
+        "--num-workers",
+        "0",
+        *EPOCH,
+    ]
+    run = subprocess.run(rest, check=True, env=env, capture_output=True, text=True, timeout=600)
+    assert "the data ran out" in run.stdout
+    tokens, steps = traced(tmp_path)
+    corpus = corpus_tokens()
+    assert not tokens - corpus, "a token was read twice"
+    assert steps["tokens-rank0.jsonl"][:6] == [1, 2, 3, 4, 5, 6]  # one step after another, across the resume
+    lost = sum((corpus - tokens).values())
+    assert lost < 3 * 32  # the tails of the 2 saved parts and of the new one, at most
+
+
+def test_torchrun_resumes_on_another_number_of_processes_exactly_once(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def torchrun(nproc, *args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        run = subprocess.run([*cmd, *TRAIN[1:], *args], env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        return run.stdout
+
+    torchrun(2, "--steps", "3", "--checkpoint-every", "3", "--out", str(tmp_path), *EPOCH)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["loader"]
+    assert state["layout"]["ranks"] == [0, 1]  # both ranks' parts, gathered
+    out = torchrun(
+        3, "--steps", "100000", "--checkpoint-every", "1000", "--out", str(tmp_path), "--resume", *EPOCH
+    )
+    tokens, steps = traced(tmp_path)
+    assert sorted(steps) == ["tokens-rank0.jsonl", "tokens-rank1.jsonl", "tokens-rank2.jsonl"]
+    assert len({len(s) for name, s in steps.items() if name != "tokens-rank2.jsonl"}) == 1  # in lockstep
+    corpus = corpus_tokens()
+    assert not tokens - corpus, "a token was read twice"
+    lost = sum((corpus - tokens).values())
+    assert lost <= held_back(out) + 5 * 32  # held back by the lockstep (counted), and 5 parts' tails at most
