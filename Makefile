@@ -1,11 +1,13 @@
 # The lab's two commands, on a fresh machine with Python 3.11 and make:
 #   make notebook   install into .venv, execute the notebook headless (offline: the bundled sample),
 #                   write the executed notebook with its plot to build/lab2_streaming_lm.html
-#   make test       install into .venv, run the unit tests and nbval on the notebook
+#   make test       install into .venv, run the unit tests and nbval on the notebook (under 4 minutes)
+#   make test-slow  the end-to-end runs marked slow: training and its resumes, torchrun, Hub faults
 # ONLINE=1 make notebook streams the real WikiText-103 from the Hub instead (and fails within seconds
 # if the Hub cannot be reached, instead of quietly using the sample).
 #   make lint       ruff check and ruff format --check (CI runs it before the tests)
-#   make test-floor the resume tests again with the lowest versions requirements.txt allows (CI runs it)
+#   make test-floor the tokenizing, resume, mixture and training tests again with the lowest versions
+#                   requirements.txt allows (CI runs it)
 # make benchmark  measures throughput and memory, writes docs/benchmark.md and docs/benchmark.png (a few minutes)
 
 VENV ?= .venv
@@ -20,7 +22,7 @@ endif
 
 FLOOR_VENV ?= .venv-floor
 
-.PHONY: install notebook test lint test-floor benchmark
+.PHONY: install notebook test test-slow lint test-floor benchmark
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -36,7 +38,10 @@ notebook: install
 	@echo "report: build/lab2_streaming_lm.html"
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -m slow -p no:nbval -o addopts=""
 
 # the resume and training tests again, with every requirement at the lowest version requirements.txt
 # allows (torch stays at $(TORCH): older CPU builds are not on this disk; PyPI's are CUDA builds of GBs)
@@ -46,7 +51,8 @@ test-floor:
 	sed -E 's/>=/==/; s/#.*//' requirements.txt | grep -vE '^torch==|^\s*$$' > $(FLOOR_VENV)/floor.txt
 	$(FLOOR_VENV)/bin/pip install --quiet -r $(FLOOR_VENV)/floor.txt pytest hypothesis
 	$(FLOOR_VENV)/bin/pip list 2>/dev/null | grep -iE '^(datasets|transformers|tiktoken|tokenizers|numpy|pyarrow|torch) '
-	$(FLOOR_VENV)/bin/python -m pytest -o addopts="" -q tests/test_dataset.py tests/test_epochs.py tests/test_training.py
+	$(FLOOR_VENV)/bin/python -m pytest -o addopts="" -q -m "not slow" tests/test_tokenize.py tests/test_dataset.py \
+		tests/test_epochs.py tests/test_checkpoint.py tests/test_mixing.py tests/test_training.py
 
 lint: install
 	$(VENV)/bin/ruff check .

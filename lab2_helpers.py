@@ -26,6 +26,7 @@ from streaming_lm.measure import (
     plot_token_lengths,
     sample_stats,
     shuffle_quality,
+    token_counts,
     unigram_cross_entropy,
 )
 from streaming_lm.mixing import mix_streams
@@ -33,7 +34,7 @@ from streaming_lm.packing import group_texts_streaming
 from streaming_lm.source import load_text_stream
 from streaming_lm.state import gather_states
 from streaming_lm.tokenize import load_tokenizer, starts_document, tokenize_stream
-from streaming_lm.training import evaluate, make_model, make_optimizer, train_steps
+from streaming_lm.training import TINY, WARMUP_STEPS, evaluate, make_model, make_optimizer, train_steps
 
 __all__ = [
     "BATCH_SIZE",
@@ -43,6 +44,8 @@ __all__ = [
     "EOS_TOKEN_ID",
     "NaiveDataset",
     "StreamingLMIterableDataset",
+    "TINY",
+    "WARMUP_STEPS",
     "collate_fn",
     "evaluate",
     "gather_states",
@@ -60,6 +63,7 @@ __all__ = [
     "seed_style_loader",
     "shuffle_quality",
     "starts_document",
+    "token_counts",
     "tokenize_stream",
     "train_steps",
     "unigram_cross_entropy",

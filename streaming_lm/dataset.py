@@ -447,7 +447,8 @@ def progress_by_part(state: dict) -> list[dict]:
     Returns a list of {"rank", "worker", "source", "epoch", "blocks", "tokens", "dropped"}, sorted by
     rank, worker and source: blocks and real tokens emitted in `epoch`, tail tokens dropped in this
     pass (pad_last=False). A part that sits between epochs or finished its pass reports the epoch it
-    completed. A mixture has one entry per source (`source` is its name; "main" otherwise).
+    completed. A mixture has one entry per source (`source` is its name; "main" otherwise) with
+    "drawn": the blocks drawn from it in this pass, all its epochs together.
     """
     found = []
     for part in open_state(state)["parts"]:
@@ -464,5 +465,6 @@ def progress_by_part(state: dict) -> list[dict]:
             else:
                 epoch, blocks, tokens, dropped = s.epoch, s.blocks, s.tokens, s.dropped
             row = {"rank": s.rank, "worker": s.worker, "source": name, "epoch": epoch}
-            found.append({**row, "blocks": blocks, "tokens": tokens, "dropped": dropped})
+            drawn = {"drawn": part["mix"]["drawn"][name]} if part.get("mix") else {}
+            found.append({**row, "blocks": blocks, "tokens": tokens, "dropped": dropped, **drawn})
     return sorted(found, key=lambda p: (p["rank"], p["worker"], p["source"]))

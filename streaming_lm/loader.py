@@ -12,6 +12,7 @@ DataLoader (workers take turns, batch by batch).
 """
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -188,6 +189,30 @@ def _identity(item: Any) -> Any:
     return item
 
 
+@contextlib.contextmanager
+def forking_workers() -> Iterator[None]:
+    """TOKENIZERS_PARALLELISM=false while DataLoader workers are started, the parent's value back
+    after: the Rust tokenizer's thread pool cannot cross a fork (a child that inherits "true" hangs
+    on its first batch; one that inherits nothing warns on stderr), and the parent keeps its pool."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+class PlainLoader(torch.utils.data.DataLoader):
+    """torch's DataLoader for a dataset that is not ours, its workers started as `forking_workers` says."""
+
+    def __iter__(self) -> Any:
+        with forking_workers():
+            return super().__iter__()
+
+
 def _init_worker(user_init: Any, worker_id: int) -> None:
     """In each DataLoader worker: no tokenizer thread pool (see make_dataloader), then the user's init."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -260,6 +285,39 @@ class Batches:
         return self._next_worker() if not all(self.done) else 0
 
 
+class Direct:
+    """One pass read in this process (num_workers=0): batches straight from the part's reader,
+    without shipments or torch's per-item machinery; nothing is buffered between the reader and
+    the caller, so the part's state is the reader's, taken when asked (not after every batch)."""
+
+    def __init__(self, reader: Any, shipping: Shipping, pin: bool) -> None:
+        self.reader, self.shipping, self.pin = reader, shipping, pin
+        self.held = [0, 0]
+        self.finished = False
+
+    @property
+    def states(self) -> list[Snapshot]:
+        return [self.reader.snapshot()]
+
+    def next_worker(self) -> int:
+        return 0
+
+    def __iter__(self) -> "Direct":
+        return self
+
+    def __next__(self) -> Any:
+        shipping = self.shipping
+        ids, mask = (None, None) if self.finished else gather(self.reader, shipping.batch_size)
+        if ids is None or (len(ids) < shipping.batch_size and shipping.drop_last):
+            if ids is not None:
+                self.held = [1, int(mask.sum())]
+            self.finished = True
+            raise StopIteration
+        if shipping.collate is not None:
+            return shipping.collate([{"input_ids": i, "attention_mask": m} for i, m in zip(ids, mask)])
+        return to_batch(collate_arrays(ids, mask, shipping.position_ids), self.pin)
+
+
 class StreamingLoader(torch.utils.data.DataLoader):
     """A torch DataLoader over a StreamingLMIterableDataset, with what a training loop needs of it:
 
@@ -295,7 +353,7 @@ class StreamingLoader(torch.utils.data.DataLoader):
         self._lm_batch_size, self._lm_drop_last = batch_size, drop_last
         self.even_steps = even_steps
         self.not_yielded = {"batches": 0, "tokens": 0}  # even_steps / drop_last: this rank's, last pass
-        self._batches: Batches | None = None
+        self._batches: Batches | Direct | None = None
         self._resume: dict | None = None
         self._pass_epoch: int | None = None
 
@@ -335,20 +393,23 @@ class StreamingLoader(torch.utils.data.DataLoader):
         turns = (resume or {}).get("loader", {}).get("next_worker", {})
         same = resume is not None and resume["layout"]["num_workers"] == workers
         self._bounds = view._pass_bounds(resume)
-        shipments = super().__iter__()
-        if self.num_workers > 0:
+        if self.num_workers == 0:  # in this process: the part read directly, its state taken when asked
+            self._batches = Direct(view.open_pass(0, 1), view.shipping, self._pin)
+        else:
+            with forking_workers():
+                shipments = super().__iter__()
             view._control["resume"] = None  # the workers have their copies; the next pass starts afresh
-        turn = turns.get(str(dataset.rank), 0) if same else 0
-        self._batches = Batches(shipments, starts, turn, getattr(self, "in_order", True), self._pin)
+            turn = turns.get(str(dataset.rank), 0) if same else 0
+            self._batches = Batches(shipments, starts, turn, getattr(self, "in_order", True), self._pin)
         if self.even_steps and torch.distributed.is_available() and torch.distributed.is_initialized():
             return self._lockstep(self._batches)
         return self._track(self._batches)
 
-    def _track(self, batches: Batches) -> Iterator[Any]:
+    def _track(self, batches: "Batches | Direct") -> Iterator[Any]:
         yield from batches
         self._report_held(batches)
 
-    def _report_held(self, batches: Batches) -> None:
+    def _report_held(self, batches: "Batches | Direct") -> None:
         if batches.held[0]:
             self.not_yielded = {"batches": batches.held[0], "tokens": batches.held[1]}
             logger.warning(
@@ -442,16 +503,13 @@ def make_dataloader(
     A dataset that is not a StreamingLMIterableDataset gets a plain torch DataLoader with collate_fn.
     """
     if num_workers > 0:
-        # forked workers cannot use the Rust tokenizer's thread pool of the parent: with
-        # TOKENIZERS_PARALLELISM=true they would hang forever, unset they would warn on stderr
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         kwargs["worker_init_fn"] = functools.partial(_init_worker, kwargs.get("worker_init_fn"))
         kwargs.setdefault("prefetch_factor", PREFETCH_TRANSFERS)
     collate = (
         functools.partial(default_collate, position_ids=position_ids) if collate_fn is None else collate_fn
     )
     if not isinstance(dataset, StreamingLMIterableDataset):
-        return torch.utils.data.DataLoader(
+        return PlainLoader(
             dataset,
             batch_size=batch_size,
             num_workers=num_workers,

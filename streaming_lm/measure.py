@@ -137,13 +137,19 @@ def shuffle_quality(
     return {"corpus": corpus, "shuffled": shuffled, "rho": spearman(corpus, shuffled)}
 
 
+def token_counts(rows: Iterable[Any], vocab_size: int) -> np.ndarray:
+    """(vocab_size,) int64: how often each id occurs in `rows` (id sequences or dicts with `input_ids`)."""
+    counts = np.zeros(vocab_size, np.int64)
+    for i, row in enumerate(rows):
+        counts += np.bincount(np.asarray(token_ids(row, i), np.int64), minlength=vocab_size)
+    return counts
+
+
 def unigram_cross_entropy(train_rows: Iterable[Any], heldout_rows: Iterable[Any], vocab_size: int) -> float:
     """Cross-entropy (nats per token) of held-out tokens under the unigram model of the training
     tokens (each id's frequency, add-one smoothed over the vocabulary): what a model that ignores
     context scores. Rows: token id sequences or dicts with `input_ids`."""
-    counts = np.zeros(vocab_size, np.float64)
-    for i, row in enumerate(train_rows):
-        counts += np.bincount(np.asarray(token_ids(row, i), np.int64), minlength=vocab_size)
+    counts = token_counts(train_rows, vocab_size).astype(np.float64)
     log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)  # (V,)
     held = np.concatenate([np.asarray(token_ids(r, i), np.int64) for i, r in enumerate(heldout_rows)])
     if not len(held):

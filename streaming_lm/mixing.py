@@ -52,16 +52,15 @@ class Mixture:
         """What a checkpoint must match."""
         return {"weights": dict(self.weights), "on_exhausted": self.on_exhausted, "seed": self.seed}
 
-    @staticmethod
-    def fresh_mix(rank: int, worker: int) -> dict:
-        """A part's draws at the start of a pass: none yet; its key names the layout and the part."""
-        return {"chosen": 0, "key": [0, rank, worker]}
+    def fresh_mix(self, rank: int, worker: int) -> dict:
+        """A part's draws at the start of a pass: none yet; its key names the layout and the part.
+        drawn: blocks drawn from each source in this pass."""
+        return {"chosen": 0, "key": [0, rank, worker], "drawn": dict.fromkeys(self.streams, 0)}
 
-    @staticmethod
-    def replanned_mix(old: list[dict], rank: int, worker: int) -> dict:
+    def replanned_mix(self, old: list[dict], rank: int, worker: int) -> dict:
         """A new part's draws after an elastic resume: a fresh sequence of a new generation."""
         generation = max(m["key"][0] for m in old) + 1
-        return {"chosen": 0, "key": [generation, rank, worker]}
+        return {"chosen": 0, "key": [generation, rank, worker], "drawn": dict.fromkeys(self.streams, 0)}
 
     def pass_reader(
         self, readers: dict[str, PartReader], start: int, end: int | None, mix: dict, settings: Settings
@@ -120,6 +119,7 @@ class MixReader:
         self.names = list(readers)
         self.weights = np.array([mixture.weights[name] for name in self.names])
         self.chosen, self.key = mix["chosen"], [mixture.seed, *mix["key"]]
+        self.drawn = dict(mix["drawn"])
         self._stratum: tuple[int, np.ndarray] | None = None
         first = next(iter(readers.values()))
         self.rank, self.worker, self.block_size = first.rank, first.worker, first.settings.block_size
@@ -160,6 +160,7 @@ class MixReader:
                 ids[filled : filled + k], mask[filled : filled + k] = got
                 filled += k
                 self.chosen += k
+                self.drawn[name] += k
         return ids, mask
 
     def _take_from(self, name: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -198,4 +199,5 @@ class MixReader:
 
     def snapshot(self) -> Snapshot:
         sources = {name: reader.state() for name, reader in self.readers.items()}
-        return Snapshot(self.rank, self.worker, sources, {"chosen": self.chosen, "key": self.key[1:]})
+        mix = {"chosen": self.chosen, "key": self.key[1:], "drawn": dict(self.drawn)}
+        return Snapshot(self.rank, self.worker, sources, mix)

@@ -50,6 +50,7 @@ def test_three_ranks_of_two_workers_read_every_token_once_and_tokenize_only_thei
     assert all(ranks[r][3] == 2 for r in ranks)  # every worker of every rank had pieces
 
 
+@pytest.mark.slow
 def test_even_steps_keep_three_ranks_in_lockstep_and_count_what_they_hold_back():
     stdout = torchrun("--num-workers", "2", "--even-steps")  # one all_reduce per step: no hang
     ranks = rank_lines(stdout)

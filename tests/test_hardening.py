@@ -232,3 +232,16 @@ def test_dropped_tails_are_warned_per_part_and_in_progress(caplog):
     assert len(parts) == 1 and parts[0]["dropped"] > 0
     assert parts[0]["tokens"] == len(read)
     assert any(f"dropped the final {parts[0]['dropped']} tokens" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", [None, "true"])
+def test_a_loader_with_workers_leaves_the_parents_tokenizers_parallelism_as_it_was(monkeypatch, value):
+    """Set to "false" only while workers start: the parent keeps its Rust thread pool afterwards."""
+    if value is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)
+    stream, _ = unique_token_stream()
+    for dataset in (L.StreamingLMIterableDataset(stream, 16), L.NaiveDataset([[1, 2, 3]] * 40, 16)):
+        list(L.make_dataloader(dataset, batch_size=2, num_workers=2))
+        assert os.environ.get("TOKENIZERS_PARALLELISM") == value

@@ -79,9 +79,9 @@ def test_workers_ranks_and_resume_work_on_the_hub_source(hub, tmp_path):
     "flags",
     [
         ["--fail-every", "3"],
-        ["--status-every", "4", "429"],
-        ["--status-every", "3", "503"],
-        ["--fail-every", "2", "--status-every", "5", "503"],
+        pytest.param(["--status-every", "4", "429"], marks=pytest.mark.slow),
+        pytest.param(["--status-every", "3", "503"], marks=pytest.mark.slow),
+        pytest.param(["--fail-every", "2", "--status-every", "5", "503"], marks=pytest.mark.slow),
     ],
 )
 def test_the_stream_survives_cut_bodies_and_busy_answers_with_every_token_once(hub, tmp_path, flags):
@@ -94,6 +94,7 @@ def test_the_stream_survives_cut_bodies_and_busy_answers_with_every_token_once(h
     assert result == {"completed": True, "tokens": 280_116, "expected": 280_116, "equal": True}
 
 
+@pytest.mark.slow
 def test_a_hub_that_always_cuts_bodies_fails_loudly_not_short(hub, tmp_path):
     result = run_checks(hub("--fail-every", "1").url, "faults", tmp_path)
     assert result["completed"] is False

@@ -178,3 +178,14 @@ def test_equal_weights_get_equal_shares_even_when_100_does_not_divide():
     blocks = [b for _, b in zip(range(3000), dataset(L.mix_streams(streams), epochs=None))]
     counts = collections.Counter(min(real_tokens_in_order([b])) // 100_000 for b in blocks)
     assert all(abs(n / 3000 - 1 / 3) < 0.005 for n in counts.values()), counts
+
+
+def test_progress_reports_the_blocks_drawn_from_each_source_in_the_pass():
+    loader = L.make_dataloader(dataset(epochs=None), batch_size=8)
+    it = iter(loader)
+    blocks = [b for _, b in zip(range(300), it)]  # 2,400 blocks: "b" is in its second epoch by then
+    parts = {p["source"]: p for p in L.progress_by_part(loader.state_dict())}
+    assert parts["a"]["drawn"] + parts["b"]["drawn"] == 2400
+    from_b = sum(min(real_tokens_in_order([b])) >= 200_000 for b in as_blocks(blocks))
+    assert parts["b"]["drawn"] == from_b  # what was drawn is what came out
+    assert abs(parts["b"]["drawn"] / 2400 - 0.3) < 0.02

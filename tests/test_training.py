@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 import lab2_helpers as L
@@ -105,6 +106,7 @@ def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_uninterrupted_l
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]  # exactly the uninterrupted run
 
 
+@pytest.mark.slow
 def test_the_default_run_loses_a_nat_within_40_steps(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [*TRAIN, "--steps", "40", "--checkpoint-every", "40", "--out", str(tmp_path)]
@@ -162,6 +164,7 @@ def held_back(stdout):
     return sum(int(n) for n in re.findall(r"(\d+) tokens held back", stdout))
 
 
+@pytest.mark.slow
 def test_resume_with_other_num_workers_reads_the_epoch_exactly_once(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = [
@@ -200,6 +203,7 @@ def test_resume_with_other_num_workers_reads_the_epoch_exactly_once(tmp_path):
     assert lost < 3 * 32  # the tails of the 2 saved parts and of the new one, at most
 
 
+@pytest.mark.slow
 def test_torchrun_resumes_on_another_number_of_processes_exactly_once(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
