@@ -5,9 +5,12 @@ faults on demand: the Hub code path, tested with no network but loopback.
                                   [--status-every N CODE] [--delay S]
     HF_ENDPOINT=http://127.0.0.1:PORT python -c 'import datasets; ...load_dataset("wikitext", ...)'
 
-It serves any dataset repository name (wikitext, Salesforce/wikitext) from one folder laid out like
-the Hub's Salesforce/wikitext: a README.md whose YAML `configs` name the data files, and
-`wikitext-103-v1/{split}-0000K-of-0000N.parquet`. The part of the API that
+--data is one repository, served under any name (wikitext, Salesforce/wikitext): a folder laid out
+like the Hub's Salesforce/wikitext, a README.md whose YAML `configs` name the data files, and
+`wikitext-103-v1/{split}-0000K-of-0000N.parquet` (the bundled sample is one); or a folder of
+repositories, `<namespace>/<name>/` each with its README.md and files, served under their names.
+A repository's commit id is a digest of its files' names and contents: change a file, restart the
+stand-in, and it serves a new commit. The part of the API that
 `datasets.load_dataset("wikitext", "wikitext-103-v1", split=..., streaming=True)` uses (read off
 the installed huggingface_hub and datasets) and the URL that load_text_stream("auto") probes:
 
@@ -38,20 +41,19 @@ DEFAULT_DATA = ROOT / "data" / "wikitext_sample"
 
 
 class Repo:
-    """The files of the served folder, with a commit hash that changes when any file does."""
+    """The files of one served repository, with a commit id that changes when any file does."""
 
     def __init__(self, folder: Path):
-        if not folder.is_dir():
-            raise SystemExit(f"hub_standin: data folder {folder} does not exist")
         self.folder = folder
         self.files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        if "README.md" not in self.files or not any(f.endswith(".parquet") for f in self.files):
+        data = [f for f in self.files if f.endswith((".parquet", ".jsonl", ".json", ".txt"))]
+        if "README.md" not in self.files or not data:
             raise SystemExit(
-                f"hub_standin: {folder} needs a README.md and parquet files (found {self.files or 'nothing'})"
+                f"hub_standin: {folder} needs a README.md and data files (found {self.files or 'nothing'})"
             )
         digest = hashlib.sha1()
         for name in self.files:
-            digest.update(f"{name}\0{(folder / name).stat().st_size}\n".encode())
+            digest.update(f"{name}\0{hashlib.sha1((folder / name).read_bytes()).hexdigest()}\n".encode())
         self.sha = digest.hexdigest()
 
     def entry(self, path: str) -> dict:
@@ -79,6 +81,25 @@ class Repo:
             else:
                 names.add(prefix + rest.split("/")[0])
         return [self.entry(name) for name in sorted(names)]
+
+
+def load_repos(folder: Path) -> dict[str, Repo]:
+    """{repository id: Repo}: "*" for a folder that is one repository (served under any name), else
+    "<namespace>/<name>" for each such sub-folder holding a README.md."""
+    if not folder.is_dir():
+        raise SystemExit(f"hub_standin: data folder {folder} does not exist")
+    if (folder / "README.md").is_file():
+        return {"*": Repo(folder)}
+    repos = {
+        readme.parent.relative_to(folder).as_posix(): Repo(readme.parent)
+        for readme in sorted(folder.glob("*/*/README.md"))
+    }
+    if not repos:
+        raise SystemExit(
+            f"hub_standin: {folder} needs a README.md and data files, or <namespace>/<name>/ folders "
+            "that have them"
+        )
+    return repos
 
 
 class Faults:
@@ -117,7 +138,7 @@ class Faults:
         )
 
 
-def make_handler(repo: Repo, faults: Faults):
+def make_handler(repos: dict[str, Repo], faults: Faults):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -135,13 +156,14 @@ def make_handler(repo: Repo, faults: Faults):
             form = self.rfile.read(length).decode()
             self.answer(body=True, form=form)
 
-        def send_json(self, value, status=200, headers=None):
+        def send_json(self, value, status=200, headers=None, repo=None):
             data = json.dumps(value).encode()
             self.send_response(status)
+            commit = {"X-Repo-Commit": repo.sha} if repo is not None else {}
             for name, text in {
                 "Content-Type": "application/json",
                 "Content-Length": str(len(data)),
-                "X-Repo-Commit": repo.sha,
+                **commit,
                 **(headers or {}),
             }.items():
                 self.send_header(name, text)
@@ -168,13 +190,28 @@ def make_handler(repo: Repo, faults: Faults):
             parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/")]
             if parts[:1] == ["datasets"] and "resolve" in parts:
                 cut = parts.index("resolve")
-                self.send_file("/".join(parts[cut + 2 :]), body)
+                repo = self.repo("/".join(parts[1:cut]))
+                if repo is not None:
+                    self.send_file(repo, "/".join(parts[cut + 2 :]), body)
             elif parts[:2] == ["api", "datasets"]:
-                self.api(parts[2:], query, form)
+                rest = parts[2:]
+                cut = next(
+                    (i for i, p in enumerate(rest) if p in ("tree", "paths-info", "revision")), len(rest)
+                )
+                repo = self.repo("/".join(rest[:cut]))
+                if repo is not None:
+                    self.api(repo, rest, query, form)
             else:
                 self.send_error_json(404, f"no route for {url.path}")
 
-        def api(self, parts, query, form):
+        def repo(self, name):
+            """The repository `name` names, or None after a 404 (RepoNotFound)."""
+            found = repos.get("*") or repos.get(name)
+            if found is None:
+                self.send_error_json(404, f"Repository {name} not found", code="RepoNotFound")
+            return found
+
+        def api(self, repo, parts, query, form):
             for verb in ("tree", "paths-info", "revision"):
                 if verb in parts:
                     where = parts.index(verb)
@@ -184,11 +221,11 @@ def make_handler(repo: Repo, faults: Faults):
                 verb, rest = "info", []
             if verb == "tree":
                 recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
-                self.send_json(repo.listing("/".join(rest), recursive))
+                self.send_json(repo.listing("/".join(rest), recursive), repo=repo)
             elif verb == "paths-info":
                 paths = urllib.parse.parse_qs(form).get("paths", [])
                 found = [p for p in paths if (repo.folder / p).exists()]
-                self.send_json([repo.entry(p) for p in found])
+                self.send_json([repo.entry(p) for p in found], repo=repo)
             else:
                 siblings = [{"rfilename": name} for name in repo.files]
                 self.send_json(
@@ -202,10 +239,11 @@ def make_handler(repo: Repo, faults: Faults):
                         "lastModified": "2026-11-26T00:00:00.000Z",
                         "siblings": siblings,
                         "tags": [],
-                    }
+                    },
+                    repo=repo,
                 )
 
-        def send_file(self, path, body):
+        def send_file(self, repo, path, body):
             full = repo.folder / path
             if path not in repo.files:
                 self.send_error_json(404, f"{path} not found", code="EntryNotFound")
@@ -263,15 +301,17 @@ def parse_args(argv=None):
 
 
 def serve(args) -> None:
-    repo = Repo(args.data)
+    repos = load_repos(args.data)
     faults = Faults(args.fail_every, args.status_every[0], args.status_every[1], args.delay)
     try:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(repo, faults))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(repos, faults))
     except OSError as err:
         raise SystemExit(f"hub_standin: cannot listen on 127.0.0.1:{args.port}: {err.strerror}") from None
     server.daemon_threads = True
     print(
-        f"listening on http://127.0.0.1:{server.server_port} (serving {args.data}, {len(repo.files)} files)",
+        f"listening on http://127.0.0.1:{server.server_port} (serving {args.data}: "
+        + ", ".join(f"{name} {len(r.files)} files at {r.sha[:12]}" for name, r in repos.items())
+        + ")",
         flush=True,
     )
     try:

@@ -37,7 +37,9 @@ HUB_PROBE_SECONDS = 5.0  # seconds: give up on the Hub after this long (datasets
 HUB_RETRIES = 4  # load_dataset attempts after the first when the Hub answers 429 or 5xx
 HUB_RETRY_SECONDS = 1.0  # the first wait; it doubles each time (1 + 2 + 4 + 8 s at most)
 HUB_RETRY_STATUSES = (429, 500, 502, 503, 504)  # rate limited or briefly unavailable
-HUB_READ_DEADLINE_SECONDS = 60.0  # seconds a stream keeps retrying a Hub that went away, at most
+HUB_READ_DEADLINE_SECONDS = (
+    45.0  # seconds: retrying a Hub that went away (+ one ~23 s retry cycle of huggingface_hub)
+)
 HUB_READ_RETRY_SECONDS = 2.0  # seconds between two such retries
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository

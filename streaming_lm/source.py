@@ -17,9 +17,11 @@ a damaged file into one error naming the file and the line or row group, and a H
 into WARNINGs and, after HUB_READ_DEADLINE_SECONDS, an error naming what was being read.
 """
 
+import contextlib
 import functools
 import glob
 import hashlib
+import importlib
 import itertools
 import json
 import logging
@@ -461,12 +463,44 @@ def load_hub_stream(
     commit = resolve_revision(repo, revision)
     stream = select_text(load_hub_split(repo, config, split, commit), text_column, f"{repo} {config}")
     pinned = "" if revision in (None, commit) else f" at {revision}"
+    names, weights, rows = hub_pieces(repo, config, split, commit)
     info = SourceInfo(
         description=f"hub: {repo} {config or ''} ({split}){pinned}".replace("  ", " "),
         identity={"hub": repo, "config": str(config), "split": split, "revision": commit},
         layout="wikitext" if is_wikitext(repo, config) else None,
+        piece_names=names,
+        piece_weights=weights,
+        piece_rows=rows,
     )
     return TextStream.of(stream, info)
+
+
+def hub_pieces(repo: str, config: str | None, split: str, commit: str) -> tuple:
+    """(names, weights, rows) of the pieces of a Hub split of parquet files, in `reshard()`'s order
+    (the data files datasets resolves, their row groups from each file's footer), or (None, None,
+    None) where they cannot be had (other formats; the Hub not answering: said at INFO)."""
+    import pyarrow.parquet as pq
+    from huggingface_hub import HfFileSystem
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        builder = datasets.load_dataset_builder(repo, config, revision=commit)
+        files = [str(f) for f in builder.config.data_files[split]]
+        if not files or not all(f.endswith(".parquet") for f in files):
+            return None, None, None
+        names, weights, rows = [], [], []
+        fs = HfFileSystem()
+        for url in files:
+            with fs.open(url.removeprefix("hf://"), "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+            for i in range(meta.num_row_groups):
+                names.append(f"{url} (row group {i})")
+                weights.append(meta.row_group(i).total_byte_size)
+                rows.append(meta.row_group(i).num_rows)
+    except (OSError, ValueError, KeyError, HfHubHTTPError) as err:
+        logger.info("%s %s: its pieces' sizes are unknown (%s: %s)", repo, config, type(err).__name__, err)
+        return None, None, None
+    return tuple(names), tuple(weights), tuple(rows)
 
 
 # ----------------------------------------------------------------------------------- reading pieces
@@ -503,11 +537,13 @@ def piece_streams(stream: datasets.IterableDataset) -> datasets.IterableDataset:
 
 @dataclass
 class ReadProgress:
-    """What a piece reader has read so far, for error messages: rows of this piece, retries."""
+    """What a piece reader has read so far: rows of this piece; for a Hub that went away, the tries
+    since the last batch that came, and when the first of them began (time.monotonic())."""
 
     rows: int = 0
     retries: int = 0
-    waited: float = 0.0
+    pulled: float = 0.0  # when the current pull began
+    failing_since: float | None = None
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
@@ -516,11 +552,12 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub.errors import HfHubHTTPError
 
     errors: tuple[type[BaseException], ...] = (OSError, HfHubHTTPError)
-    try:
-        import httpx
-    except ImportError:
-        return errors
-    return (*errors, httpx.HTTPError)
+    for name in ("httpx", "httpx2"):  # huggingface_hub 2.x ships its own copy, httpx2
+        try:
+            errors = (*errors, importlib.import_module(name).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return errors
 
 
 def read_piece_text(
@@ -539,21 +576,45 @@ def read_piece_text(
     index % step == offset (the others are read and skipped).
 
     A local file datasets cannot read raises one ValueError naming it (and the line, for JSON
-    lines). A Hub read that fails is retried (WARNING each time) until HUB_READ_DEADLINE_SECONDS
-    have passed, then ConnectionError naming the repository, the piece and the rows read.
+    lines). A Hub read that fails is retried, each time said at WARNING, until `hub_deadline()`
+    seconds after the first failing attempt began, then ConnectionError naming the repository,
+    the file and the rows read. huggingface_hub retries each HTTP read itself (its WARNINGs name the
+    file; ~23 s), so the whole wait is the deadline plus at most one such cycle: about a minute by
+    default. (datasets would repeat that cycle 20 times, ~10 minutes: while we pull, it tries once.)
     """
     progress = ReadProgress(rows=start_row)
-    deadline = time.monotonic() + HUB_READ_DEADLINE_SECONDS
+    hub = source is not None and "hub" in source.identity
     while True:
         try:
             yield from _piece_batches(pieces, piece, progress, batch_rows, step, offset, source)
             return
         except _hub_errors() as err:
-            if source is None or "hub" not in source.identity:
+            if not hub:
                 raise _local_error(source, piece, err) from err
-            _wait_for_hub(source, piece, progress, deadline, err)
+            _wait_for_hub(source, piece, progress, err)
         except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, UnicodeDecodeError) as err:
             raise _local_error(source, piece, err) from err
+
+
+def hub_deadline() -> float:
+    """Seconds a stream keeps retrying a Hub that went away: STREAMING_LM_HUB_DEADLINE, else
+    HUB_READ_DEADLINE_SECONDS."""
+    return float(os.environ.get("STREAMING_LM_HUB_DEADLINE", HUB_READ_DEADLINE_SECONDS))
+
+
+@contextlib.contextmanager
+def one_datasets_try() -> Iterator[None]:
+    """datasets' streaming reads try once while this holds (its documented config values, restored
+    after): our reader retries with a deadline and says so."""
+    names = ("READ_MAX_RETRIES", "OPEN_MAX_RETRIES", "READ_RETRY_INTERVAL", "OPEN_RETRY_INTERVAL")
+    saved = {name: getattr(datasets.config, f"STREAMING_{name}") for name in names}
+    for name in names:
+        setattr(datasets.config, f"STREAMING_{name}", 1 if name.endswith("RETRIES") else 0)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(datasets.config, f"STREAMING_{name}", value)
 
 
 def _arrow_batches(
@@ -618,7 +679,7 @@ def _piece_batches(
     """Batches of one piece from row `progress.rows`, advancing it (see `read_piece_text`)."""
     batches, typed = _arrow_batches(pieces, piece, batch_rows, source)
     seen = 0
-    for batch in batches:
+    for batch in _pulled(batches, progress, source):
         columns = batch.column_names if typed else list(batch)
         if TEXT_COLUMN not in columns:
             raise ValueError(f"the stream has no {TEXT_COLUMN!r} column; its columns are {sorted(columns)}")
@@ -646,29 +707,47 @@ def _piece_batches(
         )
 
 
-def _wait_for_hub(
-    source: SourceInfo, piece: int, progress: ReadProgress, deadline: float, err: Exception
-) -> None:
-    """After a failed Hub read: WARNING and wait before the next try, or ConnectionError past the deadline."""
+def _pulled(batches: Iterator[Any], progress: ReadProgress, source: SourceInfo | None) -> Iterator[Any]:
+    """`batches`, each pull timed in `progress`; a Hub source's pulls try once in datasets."""
+    hub = source is not None and "hub" in source.identity
+    while True:
+        progress.pulled = time.monotonic()
+        with one_datasets_try() if hub else contextlib.nullcontext():
+            batch = next(batches, None)
+        if batch is None:
+            return
+        progress.retries, progress.failing_since = 0, None  # it came: a new failure starts afresh
+        yield batch
+
+
+def _wait_for_hub(source: SourceInfo, piece: int | None, progress: ReadProgress, err: Exception) -> None:
+    """After a failed Hub read: WARNING and a wait before the next try, or ConnectionError once the
+    first failing try began more than hub_deadline() seconds ago."""
     progress.retries += 1
-    where = f"{source.identity['hub']} ({source.identity.get('config')}, {source.identity['split']})"
-    if time.monotonic() + HUB_READ_RETRY_SECONDS > deadline:
+    progress.failing_since = progress.failing_since or progress.pulled
+    identity, deadline = source.identity, hub_deadline()
+    where = f"{identity['hub']} ({identity.get('config')}, {identity['split']})"
+    names = source.piece_names
+    file = names[piece] if names and piece is not None and piece < len(names) else f"piece {piece}"
+    waited = time.monotonic() - progress.failing_since
+    if waited + HUB_READ_RETRY_SECONDS > deadline:
         raise ConnectionError(
-            f"the Hub went away while streaming {where} at commit {source.identity['revision'][:12]}: "
-            f"piece {piece}, {progress.rows} rows of it read, {progress.retries} tries over "
-            f"{HUB_READ_DEADLINE_SECONDS:g} s; last error: {type(err).__name__}: {str(err)[:300]}"
+            f"the Hub went away while streaming {where} at commit {identity['revision'][:12]}: {file}, "
+            f"{progress.rows} of its rows read; {progress.retries} tries over {waited:.0f} s (the limit: "
+            f"STREAMING_LM_HUB_DEADLINE={deadline:g} s); last error: {type(err).__name__}: {str(err)[:300]}"
         ) from err
     logger.warning(
-        "reading %s piece %d failed after %d rows (%s: %.120s): retry %d in %g s "
-        "(giving up %g s after the first)",
+        "the Hub did not answer reading %s, %s after %d rows (%s: %.120s): try %d failed, %.0f s since the "
+        "first; next in %g s, giving up %g s after the first",
         where,
-        piece,
+        file,
         progress.rows,
         type(err).__name__,
         err,
         progress.retries,
+        waited,
         HUB_READ_RETRY_SECONDS,
-        HUB_READ_DEADLINE_SECONDS,
+        deadline,
     )
     time.sleep(HUB_READ_RETRY_SECONDS)
 

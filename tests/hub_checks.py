@@ -2,7 +2,7 @@
 at scripts/hub_standin.py (huggingface_hub and datasets read the endpoint and the offline switches
 when they are imported, so they cannot be switched inside the test process).
 
-    HF_ENDPOINT=http://127.0.0.1:PORT python tests/hub_checks.py sources|scale|faults
+    HF_ENDPOINT=http://127.0.0.1:PORT python tests/hub_checks.py sources|scale|faults|configs|save|resume|goes_away
 
 Prints one JSON object on its last line.
 """
@@ -87,7 +87,93 @@ def faults(tokenizer):
     return {"completed": True, "tokens": len(hub), "expected": len(local), "equal": hub == local}
 
 
+def configs(tokenizer):
+    """WikiText-2 by its config name, a repository whose text is under another column, and a
+    0.7 / 0.3 mixture of the two, all over the stand-in."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("streaming_lm").addHandler(handler)
+    wiki2 = L.load_text_stream("hub", config="wikitext-2-raw-v1")
+    rows = [r["text"] for r in wiki2]
+    tokens = L.tokenize_stream(wiki2, tokenizer)
+    eos = sum(int((r["input_ids"] == L.EOS_TOKEN_ID).sum()) for r in tokens)
+    blocks = list(L.StreamingLMIterableDataset(tokens, pad_last=True))
+    speeches = L.tokenize_stream(
+        L.load_text_stream("hub", repo="lab/speeches", config=None, text_column="speech"), tokenizer
+    )
+    mixture = L.mix_streams({"wiki": (tokens, 0.7), "speeches": (speeches, 0.3)})
+    loader = L.make_dataloader(L.StreamingLMIterableDataset(mixture, pad_last=True, epochs=None))
+    L.measure_throughput(loader, max_batches=300)
+    drawn = {p["source"]: p["drawn"] for p in L.progress_by_part(loader.state_dict())}
+    return {
+        "wiki2_description": tokens.description,
+        "articles": sum(L.starts_document(r) for r in rows if r),
+        "blank_rows": rows.count(""),
+        "eos": eos,
+        "blocks": len(blocks),
+        "warnings": [r.getMessage() for r in records if r.levelname == "WARNING"],
+        "speeches_description": speeches.description,
+        "shares": {name: n / sum(drawn.values()) for name, n in drawn.items()},
+        "pieces_named": bool(speeches.source.piece_names) and bool(tokens.source.piece_rows),
+    }
+
+
+def save(tokenizer):
+    """Two batches of the Hub source, then its state, pickled to sys.argv[2]."""
+    import pickle
+
+    stream = L.load_text_stream("hub")
+    loader = L.make_dataloader(L.StreamingLMIterableDataset(L.tokenize_stream(stream, tokenizer)))
+    it = iter(loader)
+    next(it), next(it)
+    with open(sys.argv[2], "wb") as f:
+        pickle.dump(loader.state_dict(), f)
+    return {"revision": stream.source.identity["revision"]}
+
+
+def resume(tokenizer):
+    """The state pickled by `save`, loaded into the Hub source as the stand-in serves it now."""
+    import pickle
+
+    stream = L.load_text_stream("hub")
+    loader = L.make_dataloader(L.StreamingLMIterableDataset(L.tokenize_stream(stream, tokenizer)))
+    with open(sys.argv[2], "rb") as f:
+        state = pickle.load(f)
+    try:
+        loader.load_state_dict(state)
+    except ValueError as err:
+        return {"revision": stream.source.identity["revision"], "refused": str(err)}
+    return {"revision": stream.source.identity["revision"], "refused": None}
+
+
+def goes_away(tokenizer):
+    """Three batches of lab/big, then (once sys.argv[2] exists: the test killed the stand-in) the
+    rest: how long until the error, and what it says."""
+    import os
+
+    tokens = L.tokenize_stream(L.load_text_stream("hub", repo="lab/big", config=None), tokenizer)
+    it = iter(L.make_dataloader(L.StreamingLMIterableDataset(tokens), num_workers=int(sys.argv[3])))
+    for _ in range(3):
+        next(it)
+    print("READY", flush=True)
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.1)
+    start = time.perf_counter()
+    try:
+        for _ in it:
+            pass
+    except Exception as err:  # noqa: BLE001 - reported, not hidden: the test reads it
+        last = str(err).strip().splitlines()[-1]  # a worker's error comes after its traceback
+        return {"seconds": time.perf_counter() - start, "error": f"{type(err).__name__}: {last}"[:1500]}
+    return {"seconds": time.perf_counter() - start, "error": None}
+
+
 if __name__ == "__main__":
     tok = L.load_tokenizer(backend="tiktoken")
-    result = {"sources": sources, "scale": scale, "faults": faults}[sys.argv[1]](tok)
+    modes = {"sources": sources, "scale": scale, "faults": faults, "configs": configs}
+    modes.update(save=save, resume=resume, goes_away=goes_away)
+    result = modes[sys.argv[1]](tok)
     print(json.dumps(result))

@@ -3,11 +3,14 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from streaming_lm import config as C
@@ -46,11 +49,13 @@ def hub():
             standin.stop()
 
 
-def run_checks(url, mode, tmp_path):
-    """tests/hub_checks.py MODE in a fresh process pointed at the stand-in; its JSON result."""
+def run_checks(url, mode, tmp_path, *args):
+    """tests/hub_checks.py MODE ARGS in a fresh process pointed at the stand-in; its JSON result."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1")
-    run = subprocess.run([*CHECKS, mode], env=env, capture_output=True, text=True, timeout=600, cwd=C.ROOT)
+    run = subprocess.run(
+        [*CHECKS, mode, *args], env=env, capture_output=True, text=True, timeout=600, cwd=C.ROOT
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -104,7 +109,7 @@ def test_a_hub_that_always_cuts_bodies_fails_loudly_not_short(hub, tmp_path):
 def test_the_stand_in_refuses_bad_data_folders_and_a_taken_port(tmp_path):
     for folder, message in [
         (tmp_path / "nope", "does not exist"),
-        (tmp_path, "needs a README.md and parquet files"),
+        (tmp_path, "needs a README.md and data files"),
     ]:
         run = subprocess.run([*STANDIN, "--data", str(folder)], capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and message in run.stderr
@@ -114,3 +119,108 @@ def test_the_stand_in_refuses_bad_data_folders_and_a_taken_port(tmp_path):
         port = taken.getsockname()[1]
         run = subprocess.run([*STANDIN, "--port", str(port)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in run.stderr
+
+
+# ----------------------------------------------------------------------------- several repositories
+WIKI_README = """---
+configs:
+- config_name: wikitext-103-v1
+  data_files:
+  - split: train
+    path: wikitext-103-v1/train-*
+- config_name: wikitext-2-raw-v1
+  data_files:
+  - split: train
+    path: wikitext-2-raw-v1/train-*
+---
+"""
+DEFAULT_README = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+---
+"""
+
+
+def build_hub(folder, big_copies=0):
+    """A data folder of repositories: Salesforce/wikitext (the sample as wikitext-103-v1, its
+    validation split as wikitext-2-raw-v1's train), lab/speeches (the State of the Union addresses,
+    their text under "speech"), and with big_copies, lab/big (the sample's train files that often)."""
+    wiki = folder / "Salesforce" / "wikitext"
+    for config, pattern in (("wikitext-103-v1", "train-*"), ("wikitext-2-raw-v1", "validation-*")):
+        (wiki / config).mkdir(parents=True)
+        for k, path in enumerate(sorted((C.SAMPLE_DIR / "wikitext-103-v1").glob(pattern))):
+            shutil.copy(path, wiki / config / f"train-{k:05d}-of-00002.parquet")
+    (wiki / "README.md").write_text(WIKI_README)
+    speeches = folder / "lab" / "speeches"
+    (speeches / "data").mkdir(parents=True)
+    records = [json.loads(line) for line in C.SOTU_FILE.read_text().splitlines()]
+    table = pa.table({"year": [r["year"] for r in records], "speech": [r["text"] for r in records]})
+    pq.write_table(table, speeches / "data" / "train-00000-of-00001.parquet", row_group_size=4)
+    (speeches / "README.md").write_text(DEFAULT_README)
+    if big_copies:
+        big = folder / "lab" / "big"
+        (big / "data").mkdir(parents=True)
+        train = sorted((C.SAMPLE_DIR / "wikitext-103-v1").glob("train-*"))
+        for k in range(big_copies):
+            for i, path in enumerate(train):
+                shutil.copy(path, big / "data" / f"train-{2 * k + i:05d}-of-{2 * big_copies:05d}.parquet")
+        (big / "README.md").write_text(DEFAULT_README)
+    return folder
+
+
+def test_wikitext2_text_columns_and_a_mixture_stream_over_loopback(hub, tmp_path):
+    standin = hub("--data", str(build_hub(tmp_path / "hub")))
+    result = run_checks(standin.url, "configs", tmp_path)
+    assert "documents: wikitext (the source is WikiText)" in result["wiki2_description"]
+    assert result["eos"] == result["articles"] > 0  # one EOS per article, none per paragraph
+    assert result["blank_rows"] > 0 and not any("gave no tokens" in w for w in result["warnings"])
+    assert "documents: rows" in result["speeches_description"]  # its text came from "speech"
+    assert abs(result["shares"]["wiki"] - 0.7) < 0.02 and abs(result["shares"]["speeches"] - 0.3) < 0.02
+    assert result["pieces_named"]  # file names and rows of the Hub's row groups, for errors and checks
+
+
+def test_a_checkpoint_of_a_hub_source_is_refused_after_the_repository_changed(hub, tmp_path):
+    folder = build_hub(tmp_path / "hub")
+    state = tmp_path / "state.pkl"
+    first = hub("--data", str(folder))
+    saved = run_checks(first.url, "save", tmp_path, str(state))
+    first.stop()
+    path = folder / "Salesforce" / "wikitext" / "wikitext-103-v1" / "train-00001-of-00002.parquet"
+    table = pq.read_table(path)
+    texts = table["text"].to_pylist()
+    texts[5] = texts[5].replace("whale", "whale!")  # a new commit: one row edited
+    pq.write_table(
+        table.set_column(0, "text", pa.array(texts)),
+        path,
+        row_group_size=pq.ParquetFile(path).metadata.row_group(0).num_rows,
+    )
+    second = hub("--data", str(folder))
+    result = run_checks(second.url, "resume", tmp_path, str(state))
+    assert result["revision"] != saved["revision"]
+    assert "identity.source.revision" in result["refused"]
+    assert saved["revision"] in result["refused"] and result["revision"] in result["refused"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_hub_that_goes_away_is_said_and_given_up_within_the_deadline(hub, tmp_path, workers):
+    standin = hub("--data", str(build_hub(tmp_path / "hub", big_copies=8)))
+    gone = tmp_path / "gone"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=standin.url, HF_HOME=str(tmp_path / "hf_home"), STREAMING_LM_HUB_DEADLINE="40")
+    cmd = [*CHECKS, "goes_away", str(gone), str(workers)]
+    process = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=C.ROOT
+    )
+    assert process.stdout.readline().strip() == "READY"
+    standin.stop()  # the Hub goes away after 3 batches
+    gone.touch()
+    out, err = process.communicate(timeout=300)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["error"] and "ConnectionError" in result["error"]
+    assert "the Hub went away while streaming lab/big" in result["error"] and ".parquet" in result["error"]
+    assert result["seconds"] < 40 + 30 + 15  # the deadline, one huggingface_hub retry cycle, start-up
+    assert "the Hub did not answer reading lab/big" in err  # said at WARNING before giving up
