@@ -106,6 +106,14 @@ class TextStream(datasets.IterableDataset):
         text.info.description = source.description
         return text
 
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The rows, as datasets yields them; a damaged local file raises one error naming it (and the
+        line), not the bare decoding error from inside datasets."""
+        try:
+            yield from super().__iter__()
+        except LOCAL_READ_ERRORS as err:
+            raise located_error(self.source, err) from err
+
 
 # ----------------------------------------------------------------------------------- the Hub
 def offline_switch() -> str | None:
@@ -348,7 +356,7 @@ def locate_bad_json(name: str) -> str | None:
             except UnicodeDecodeError as err:
                 return f"data file {name}, line {number}: not valid UTF-8 (at byte {err.start} of the line)"
             except json.JSONDecodeError as err:
-                return f"data file {name}, line {number}: not valid JSON ({err.msg} at column {err.colno})"
+                return f"data file {name}, line {number}: not valid JSON ({err.msg}, column {err.colno})"
             if not isinstance(record, dict):
                 return f"data file {name}, line {number}: a JSON {type(record).__name__}, not an object"
     return None
@@ -360,8 +368,9 @@ def damaged_file_error(builder: str, name: str, err: Exception) -> ValueError:
     where = locate_bad_json(name.split(" (row group")[0]) if builder == "json" else None
     if where:
         return ValueError(f"{where}: fix or remove that line")
+    said = " ".join(str(err).split())  # one line
     return ValueError(
-        f"cannot read {builder} data file {name}: {type(err).__name__}: {err}; is it a whole, valid "
+        f"cannot read {builder} data file {name}: {type(err).__name__}: {said}; is it a whole, valid "
         f"{builder} file? (re-create it, or leave it out of data_files)"
     )
 
@@ -644,20 +653,28 @@ def local_batches(source: SourceInfo, piece: int, batch_rows: int) -> tuple[Iter
         batches = _parquet_file(path, os.getpid()).iter_batches(
             batch_size=batch_rows, row_groups=[group], columns=[column], use_threads=False
         )
-        return (b.rename_columns([TEXT_COLUMN]) for b in batches), True
+        return (_utf8_checked(b.rename_columns([TEXT_COLUMN])) for b in batches), True
     if source.builder == "json" and path.endswith(".jsonl"):
         import pyarrow.json as pj
 
         options = pj.ParseOptions(
             explicit_schema=pyarrow.schema([(column, pyarrow.string())]), unexpected_field_behavior="ignore"
         )
-        return (b.rename_columns([TEXT_COLUMN]) for b in pj.open_json(path, parse_options=options)), True
+        batches = pj.open_json(path, parse_options=options)
+        return (_utf8_checked(b.rename_columns([TEXT_COLUMN])) for b in batches), True
     if source.builder == "text":
         return _text_batches(path, batch_rows), False
     one = datasets.load_dataset(
         "json", data_files=[path], split="train", streaming=True
     )  # a .json array file
     return one.with_format("arrow").iter(batch_size=batch_rows), True
+
+
+def _utf8_checked(batch: Any) -> Any:
+    """`batch`, after checking its text is valid UTF-8 (pyarrow's JSON and parquet readers keep bad
+    bytes in a string array; they would fail later, far from the file): ArrowInvalid if not."""
+    batch.column(TEXT_COLUMN).validate(full=True)
+    return batch
 
 
 def _text_batches(path: str, batch_rows: int) -> Iterator[dict[str, list[str]]]:
@@ -750,6 +767,44 @@ def _wait_for_hub(source: SourceInfo, piece: int | None, progress: ReadProgress,
         deadline,
     )
     time.sleep(HUB_READ_RETRY_SECONDS)
+
+
+LOCAL_READ_ERRORS = (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, UnicodeDecodeError, OSError)
+
+
+def peek_texts(stream: datasets.IterableDataset, n: int, source: SourceInfo | None) -> list[str]:
+    """The texts of the first `n` rows of `stream`. A damaged local file raises the error reading it
+    would (the file and line), not the bare decoding error from inside datasets."""
+    try:
+        return [row[TEXT_COLUMN] for row in itertools.islice(stream, n)]
+    except LOCAL_READ_ERRORS as err:
+        raise located_error(source, err) from err
+
+
+def located_error(source: SourceInfo | None, err: Exception) -> Exception:
+    """`err` from reading a local source as one clear error: the JSON-lines file and line that is
+    damaged, else the first file; a Hub error (or an unknown source's) is returned as it is."""
+    if source is None or "hub" in source.identity:
+        return err  # retrying the Hub belongs to the piece reader
+    names = source.piece_names or ()
+    json_files = [name for name in names if name.endswith((".json", ".jsonl"))]
+    located = next(filter(None, map(locate_bad_json, json_files)), None)
+    if located:
+        return ValueError(f"{located}: fix or remove that line")
+    return _local_error(source, first_bad_piece(source), err)
+
+
+def first_bad_piece(source: SourceInfo) -> int:
+    """The first local parquet piece (file, row group) whose text column does not read; 0 if none
+    fails or the pieces are not parquet row groups."""
+    for piece, (path, group) in enumerate(source.local or ()):
+        if group < 0:
+            return 0
+        try:
+            _parquet_file(path, os.getpid()).read_row_group(group, columns=[source.identity["text_column"]])
+        except LOCAL_READ_ERRORS:
+            return piece
+    return 0
 
 
 def _local_error(source: SourceInfo | None, piece: int, err: Exception) -> Exception:

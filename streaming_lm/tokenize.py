@@ -54,7 +54,7 @@ from .config import (
     TOKENIZER_DIR,
 )
 from .parts import Task
-from .source import Pieces, SourceInfo, TextStream, is_wikitext, read_piece_text
+from .source import Pieces, SourceInfo, TextStream, is_wikitext, peek_texts, read_piece_text
 
 logger = logging.getLogger(__name__)
 READ_AHEAD = 2  # token groups being tokenized ahead of the one packed, per stream (in-process)
@@ -385,7 +385,7 @@ def resolve_layout(
         return "wikitext", f"config {info.config_name}"
     if stream.column_names is None:  # maybe a one-shot generator: reading it here would lose rows
         return "rows", "auto: the stream cannot be peeked at"
-    first = [row[TEXT_COLUMN] for row in itertools.islice(stream, LAYOUT_PEEK_ROWS)]
+    first = peek_texts(stream, LAYOUT_PEEK_ROWS, source)
     verdict, why = looks_like_wikitext(first)
     return ("wikitext", f"auto: {why}") if verdict else ("rows", f"auto: {why}")
 
