@@ -41,7 +41,7 @@ test: install
 	$(PY) -m pytest -m "not slow"
 
 test-slow: install
-	$(PY) -m pytest -m slow -p no:nbval -o addopts=""
+	$(PY) -m pytest -m slow -p no:nbval -o addopts="" -p no:cacheprovider tests
 
 # the resume and training tests again, with every requirement at the lowest version requirements.txt
 # allows (torch stays at $(TORCH): older CPU builds are not on this disk; PyPI's are CUDA builds of GBs)

@@ -258,7 +258,8 @@ def main(argv=None):
             flush=True,
         )
     run(args, compiled, model, optimizer, schedule, loader, start, rank, world_size)
-    if world_size > 1:
+    if world_size > 1:  # no rank closes its connections while another still uses them (gloo aborts then)
+        dist.barrier()
         dist.destroy_process_group()
 
 

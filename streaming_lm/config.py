@@ -37,9 +37,9 @@ HUB_PROBE_SECONDS = 5.0  # seconds: give up on the Hub after this long (datasets
 HUB_RETRIES = 4  # load_dataset attempts after the first when the Hub answers 429 or 5xx
 HUB_RETRY_SECONDS = 1.0  # the first wait; it doubles each time (1 + 2 + 4 + 8 s at most)
 HUB_RETRY_STATUSES = (429, 500, 502, 503, 504)  # rate limited or briefly unavailable
-HUB_READ_DEADLINE_SECONDS = (
-    45.0  # seconds: retrying a Hub that went away (+ one ~23 s retry cycle of huggingface_hub)
-)
+# seconds: how long a stream retries a Hub that went away (then one ~23 s huggingface_hub cycle at most);
+# the environment variable STREAMING_LM_HUB_DEADLINE overrides it
+HUB_READ_DEADLINE_SECONDS = 45.0
 HUB_READ_RETRY_SECONDS = 2.0  # seconds between two such retries
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -47,9 +47,8 @@ DATA_DIR = ROOT / "data"
 TOKENIZER_DIR = DATA_DIR / "gpt2_tokenizer"  # vocab.json + merges.txt, byte-identical to the Hub's gpt2
 SAMPLE_DIR = DATA_DIR / "wikitext_sample"  # Moby-Dick laid out like the Hub's Salesforce/wikitext
 SAMPLE_FILES = "wikitext-103-v1/{split}-*.parquet"  # per split, as on the Hub
-SOTU_FILE = (
-    DATA_DIR / "sotu" / "sotu_1790_1815.jsonl"
-)  # a second small source: 26 State of the Union addresses
+# a second small source: 26 State of the Union addresses (1790-1815, public domain)
+SOTU_FILE = DATA_DIR / "sotu" / "sotu_1790_1815.jsonl"
 
 SOURCES = ("auto", "hub", "local")
 LAYOUTS = ("auto", "wikitext", "rows")

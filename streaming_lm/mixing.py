@@ -28,7 +28,7 @@ import numpy as np
 from .checks import check_choice, is_int
 from .config import MIX_STRATUM_BLOCKS
 from .dataset import Snapshot
-from .reading import PartReader, Settings
+from .reading import PartReader, Settings, ones
 
 POLICIES = ("repeat", "stop")
 
@@ -130,6 +130,9 @@ class MixReader:
 
     def _draws(self, n: int) -> np.ndarray:
         """The sources of the next n blocks."""
+        index, offset = divmod(self.chosen, MIX_STRATUM_BLOCKS)
+        if self._stratum is not None and self._stratum[0] == index and offset + n <= MIX_STRATUM_BLOCKS:
+            return self._stratum[1][offset : offset + n]  # within the current stratum (most calls)
         out, at = [], self.chosen
         while sum(map(len, out)) < n:
             index = at // MIX_STRATUM_BLOCKS
@@ -147,8 +150,11 @@ class MixReader:
         if self.ended:
             return None
         draws = self._draws(n)
-        runs = [0, *(np.flatnonzero(draws[1:] != draws[:-1]) + 1).tolist(), n]
+        counts = np.bincount(draws, minlength=len(self.names))
+        if all(self.readers[name].ready(int(k)) for name, k in zip(self.names, counts) if k):
+            return self._scatter(draws, counts)
         ids, mask = np.empty((n, self.block_size), np.int64), np.empty((n, self.block_size), np.int64)
+        runs = [0, *(np.flatnonzero(draws[1:] != draws[:-1]) + 1).tolist(), n]
         filled = 0
         for start, end in itertools.pairwise(runs):
             name = self.names[draws[start]]
@@ -161,6 +167,26 @@ class MixReader:
                 filled += k
                 self.chosen += k
                 self.drawn[name] += k
+        return ids, mask
+
+    def _scatter(self, draws: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The blocks of `draws` when every source has its share cut already: one take per source,
+        placed where its draws are (the same blocks, in the same order, as run by run). Whole
+        blocks share one read-only mask, as a single source's do."""
+        got = {i: self.readers[self.names[i]].take(int(k)) for i, k in enumerate(counts) if k}
+        for i, (blocks, _) in got.items():
+            self.drawn[self.names[i]] += len(blocks)
+        self.chosen += len(draws)
+        if len(got) == 1:  # one source this time: its views as they are
+            return next(iter(got.values()))
+        ids = np.empty((len(draws), self.block_size), np.int64)
+        whole = all(not m.flags.writeable for _, m in got.values())
+        mask = ones(ids.shape) if whole else np.empty_like(ids)
+        for i, (blocks, masks) in got.items():
+            where = draws == i
+            ids[where] = blocks
+            if not whole:
+                mask[where] = masks
         return ids, mask
 
     def _take_from(self, name: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:

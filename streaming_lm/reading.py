@@ -295,6 +295,11 @@ class Tape:
                 return record.task, Position(batch.piece, batch.first_row + k * batch.step, token)
         return self.cursor
 
+    @property
+    def ready(self) -> int:
+        """Blocks cut and not yet taken: `take(k)` for k up to this reads nothing."""
+        return len(self._ready) - self._next
+
     def take(self, n: int) -> np.ndarray | None:
         """Up to `n` next whole blocks, (m, T) views; None when the tasks are read to the end."""
         while self._next >= len(self._ready):
@@ -419,6 +424,14 @@ class PartReader:
             )
 
     # ----- blocks
+    def ready(self, n: int) -> bool:
+        """True if `take(n)` gives exactly n blocks of this epoch from what is already cut."""
+        if self.pending or self.ended:
+            return False
+        if self.settings.shuffle:
+            return self.drawn is not None and len(self.drawn.ids) - self.window.emitted >= n
+        return not self.done and self.tape.ready >= n
+
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Up to `n` blocks of this epoch: ((m, T) ids, (m, T) mask) int64; None at its end."""
         while self.pending:

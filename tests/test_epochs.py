@@ -1,6 +1,8 @@
 """Shuffling and epochs: exactly once per epoch, deterministic, and exact resumes anywhere."""
 
 import pickle
+import re
+import threading
 
 import pytest
 import torch
@@ -151,6 +153,52 @@ def test_endless_epochs_never_run_out():
     blocks = [b for _, b in zip(range(200), dataset)]
     assert len(blocks) == 200  # far more than one epoch
     assert len(real_tokens_in_order(blocks)) > 5 * len(row_tokens_sorted(rows))
+
+
+def first_or_error(loader, wait_s=120):
+    """next(iter(loader)) in a daemon thread: what it returned or raised, or "hung" (the bug: an
+    endless epoch that never yields spins instead of raising)."""
+    result = ["hung"]
+
+    def run():
+        try:
+            result[0] = next(iter(loader))
+        except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
+            result[0] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    return result[0]
+
+
+def small_and_big_files(tmp_path):
+    (tmp_path / "big.txt").write_text("".join(f"line {i} of the big file\n" for i in range(400)))
+    (tmp_path / "tiny.txt").write_text("tiny\n")
+    return [str(tmp_path / "big.txt"), str(tmp_path / "tiny.txt")]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_endless_epoch_that_can_never_yield_a_block_raises_with_the_numbers(
+    tmp_path, fast_tokenizer, num_workers
+):
+    """Worker 1 of 2 (or the one part, in-process) holds fewer tokens than a block: raise, not spin."""
+    files = small_and_big_files(tmp_path)[1:] if num_workers == 0 else small_and_big_files(tmp_path)
+    tokens = L.tokenize_stream(L.load_text_stream(data_files=files), fast_tokenizer)
+    dataset = L.StreamingLMIterableDataset(tokens, BLOCK, epochs=None)
+    loader = L.make_dataloader(dataset, batch_size=2, num_workers=num_workers)
+    got = first_or_error(drained(loader))  # worker 0 may deliver batches first: the error must still come
+    assert isinstance(got, ValueError), got
+    assert re.search(r"holds 3 tokens per epoch, fewer than block_size=16.*can never yield a block", str(got))
+    assert "Fix: pad_last=True" in str(got)
+
+
+def drained(loader):
+    """An iterator whose first item is None after the whole (endless) loader ended: never, unless
+    it raises."""
+    for _ in loader:
+        pass
+    yield None
 
 
 @pytest.mark.parametrize(

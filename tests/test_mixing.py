@@ -189,3 +189,14 @@ def test_progress_reports_the_blocks_drawn_from_each_source_in_the_pass():
     from_b = sum(min(real_tokens_in_order([b])) >= 200_000 for b in as_blocks(blocks))
     assert parts["b"]["drawn"] == from_b  # what was drawn is what came out
     assert abs(parts["b"]["drawn"] / 2400 - 0.3) < 0.02
+
+
+def test_an_endless_mixture_with_a_source_smaller_than_a_block_raises_instead_of_spinning():
+    tiny = datasets.Dataset.from_dict({"input_ids": [[200_000, 200_001, 200_002]]}).to_iterable_dataset()
+    mix = L.mix_streams({"a": (A, 0.5), "tiny": (tiny, 0.5)}, seed=5)
+    blocks = iter(dataset(mix, pad_last=False, epochs=None))
+    with pytest.raises(
+        ValueError, match=r"'tiny' holds 3 tokens per epoch, fewer than block_size=16.*never yield a block"
+    ):
+        for _ in range(10_000):  # far more draws than "a" has blocks: "tiny" is drawn early
+            next(blocks)

@@ -210,7 +210,7 @@ def test_torchrun_resumes_on_another_number_of_processes_exactly_once(tmp_path):
     def torchrun(nproc, *args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         run = subprocess.run([*cmd, *TRAIN[1:], *args], env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-12000:]
         return run.stdout
 
     torchrun(2, "--steps", "3", "--checkpoint-every", "3", "--out", str(tmp_path), *EPOCH)
