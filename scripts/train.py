@@ -43,11 +43,13 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lab2_helpers as L  # noqa: E402
 from streaming_lm import training  # noqa: E402
+from streaming_lm.config import SHUFFLE_WINDOW_BLOCKS  # noqa: E402
 
 MODELS = {"tiny": training.TINY, "gpt2-small": training.GPT2_SMALL}
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
-MATCHED = ("model", "block_size", "batch_size", "backend", "seed", "epochs")  # a resume must keep these
+# a resume must keep these (a checkpoint that lacks one, from an older train.py, is not checked on it)
+MATCHED = ("model", "block_size", "batch_size", "backend", "seed", "epochs", "shuffle_window")
 
 
 def parse_args(argv=None):
@@ -74,13 +76,21 @@ def parse_args(argv=None):
         "--data-files", nargs="+", help="local files to train on (default: the bundled sample)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="stop after N epochs (default: endless)")
+    parser.add_argument(
+        "--shuffle-window",
+        type=int,
+        default=SHUFFLE_WINDOW_BLOCKS,
+        metavar="BLOCKS",
+        help=f"blocks shuffled together per part (default {SHUFFLE_WINDOW_BLOCKS}); memory: BLOCKS x "
+        "block size x 8 bytes; smaller windows let an elastic resume share a part's rest among more ranks",
+    )
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--lr", type=float, default=training.LEARNING_RATE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace-tokens", action="store_true", help="write OUT/tokens-rank{R}.jsonl")
     args = parser.parse_args(argv)
-    for name in ("steps", "checkpoint_every", "block_size", "batch_size"):
+    for name in ("steps", "checkpoint_every", "block_size", "batch_size", "shuffle_window"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.epochs is not None and args.epochs < 1:
@@ -110,7 +120,12 @@ def make_loader(args, world_size):
     stream = L.load_text_stream("local", data_files=files) if files else L.load_text_stream("local")
     tokens = L.tokenize_stream(stream, L.load_tokenizer(backend=args.backend))
     dataset = L.StreamingLMIterableDataset(
-        tokens, args.block_size, shuffle=True, seed=args.seed, epochs=args.epochs
+        tokens,
+        args.block_size,
+        shuffle=True,
+        seed=args.seed,
+        epochs=args.epochs,
+        shuffle_window=args.shuffle_window,
     )  # rank and world size from torch.distributed
     lockstep = world_size > 1 and args.epochs is not None  # a finite pass: ranks end together
     pin = args.device.startswith("cuda")

@@ -9,6 +9,7 @@ import torch
 
 import lab2_helpers as L
 from conftest import real_tokens_in_order
+from streaming_lm.reading import PartReader
 
 BLOCK = 16
 VOCAB = 400_000  # source "b" holds ids from 200,000 on: a token tells its source
@@ -88,6 +89,24 @@ def test_stop_ends_the_pass_when_the_first_source_runs_out():
     assert len(set(by_source["a"])) == len(by_source["a"]) < len(A_TOKENS)  # "a" partly, nothing twice
     with pytest.raises(ValueError, match="needs a finite pass"):
         dataset(mixture(on_exhausted="stop"), epochs=None)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_the_one_take_per_source_path_gives_the_blocks_of_the_run_by_run_path(shuffle, monkeypatch):
+    """A batch whose sources all have their blocks cut is filled by one take per source; the same
+    batches, in order, masks included (padded last blocks), as taking them draw run by draw run."""
+
+    def batches():
+        loader = L.make_dataloader(dataset(shuffle=shuffle), batch_size=8, num_workers=0)
+        return [{k: v.clone() for k, v in b.items()} for b in loader]
+
+    fast = batches()
+    with monkeypatch.context() as patch:
+        patch.setattr(PartReader, "ready", lambda self, n: False)  # never cut ahead: run by run
+        slow = batches()
+    assert len(fast) == len(slow) > 20
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(fast, slow) for k in a)
+    assert any(not bool(b["attention_mask"].all()) for b in fast)  # a padded block among them
 
 
 @pytest.mark.parametrize("num_workers, world_size", [(0, 1), (2, 1), (0, 2)])

@@ -213,15 +213,27 @@ def test_torchrun_resumes_on_another_number_of_processes_exactly_once(tmp_path):
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-12000:]
         return run.stdout
 
-    torchrun(2, "--steps", "3", "--checkpoint-every", "3", "--out", str(tmp_path), *EPOCH)
+    window = ["--shuffle-window", "64"]  # smaller than a part (~190 blocks): the rest can feed 3 ranks
+    torchrun(2, "--steps", "3", "--checkpoint-every", "3", "--out", str(tmp_path), *EPOCH, *window)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["loader"]
     assert state["layout"]["ranks"] == [0, 1]  # both ranks' parts, gathered
     out = torchrun(
-        3, "--steps", "100000", "--checkpoint-every", "1000", "--out", str(tmp_path), "--resume", *EPOCH
+        3,
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "1000",
+        "--out",
+        str(tmp_path),
+        "--resume",
+        *EPOCH,
+        *window,
     )
     tokens, steps = traced(tmp_path)
     assert sorted(steps) == ["tokens-rank0.jsonl", "tokens-rank1.jsonl", "tokens-rank2.jsonl"]
-    assert len({len(s) for name, s in steps.items() if name != "tokens-rank2.jsonl"}) == 1  # in lockstep
+    assert steps["tokens-rank0.jsonl"] == steps["tokens-rank1.jsonl"]  # in lockstep, before and after
+    assert steps["tokens-rank2.jsonl"] == steps["tokens-rank0.jsonl"][3:]  # the new rank: after the resume
+    assert len(steps["tokens-rank2.jsonl"]) > 10, "the 3 ranks went on with the epoch"
     corpus = corpus_tokens()
     assert not tokens - corpus, "a token was read twice"
     lost = sum((corpus - tokens).values())
