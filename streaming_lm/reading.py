@@ -48,15 +48,22 @@ class TokenSource(Protocol):
         ...
 
 
-def one_by_one(source: Any, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
-    """`read_tasks` of a source that reads one piece at a time (`source.read`)."""
-    for index, task in enumerate(tasks):
-        for batch in source.read(task.piece, task.row, task.step, task.offset):
-            yield index, batch
+class PieceByPiece:
+    """A TokenSource's `read_tasks` and `identity` for a source that reads one piece at a time
+    (`self.read`) and is known by its description."""
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"source": {"name": self.description}}
+
+    def read_tasks(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
+        for index, task in enumerate(tasks):
+            for batch in self.read(task.piece, task.row, task.step, task.offset):
+                yield index, batch
 
 
 @dataclass(frozen=True, eq=False)
-class DatasetRows:
+class DatasetRows(PieceByPiece):
     """A `datasets` stream of token rows (an `input_ids` column), each piece read as Arrow batches."""
 
     stream: datasets.IterableDataset
@@ -79,13 +86,6 @@ class DatasetRows:
         info = self.stream.info
         name = "/".join(filter(None, [info.builder_name, info.config_name])) or "in-memory stream"
         return info.description or f"{name}, {self.stream.num_shards} shards"
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        return {"source": {"name": self.description}}
-
-    def read_tasks(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
-        return one_by_one(self, tasks)
 
     def read(self, piece: int, row: int = 0, step: int = 1, offset: int = 0) -> Iterator[TokenBatch]:
         one = self.pieces.get(piece)
@@ -141,7 +141,7 @@ def _select(batch: TokenBatch, step: int, offset: int) -> Iterator[TokenBatch]:
 
 
 @dataclass(frozen=True, eq=False)
-class IterableRows:
+class IterableRows(PieceByPiece):
     """A plain iterable of token rows (lists, arrays, dicts with `input_ids`): one piece."""
 
     rows: Iterable[Any]
@@ -156,13 +156,6 @@ class IterableRows:
     def description(self) -> str:
         size = f", {len(self.rows)} rows" if hasattr(self.rows, "__len__") else ""
         return f"{type(self.rows).__name__}{size}"
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        return {"source": {"name": self.description}}
-
-    def read_tasks(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
-        return one_by_one(self, tasks)
 
     def read(self, piece: int, row: int = 0, step: int = 1, offset: int = 0) -> Iterator[TokenBatch]:
         rows = itertools.islice(self.rows, row, None)

@@ -142,6 +142,8 @@ EPOCH = [
     "tiktoken",
 ]
 
+TO_THE_END = ["--steps", "100000", "--checkpoint-every", "1000"]  # --epochs 1 ends the run first
+
 
 def corpus_tokens():
     tokens = L.tokenize_stream(
@@ -182,10 +184,7 @@ def test_resume_with_other_num_workers_reads_the_epoch_exactly_once(tmp_path):
     subprocess.run(first, check=True, env=env, capture_output=True, timeout=600)
     rest = [
         *TRAIN,
-        "--steps",
-        "100000",
-        "--checkpoint-every",
-        "1000",
+        *TO_THE_END,
         "--out",
         str(tmp_path),
         "--resume",
@@ -217,18 +216,7 @@ def test_torchrun_resumes_on_another_number_of_processes_exactly_once(tmp_path):
     torchrun(2, "--steps", "3", "--checkpoint-every", "3", "--out", str(tmp_path), *EPOCH, *window)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["loader"]
     assert state["layout"]["ranks"] == [0, 1]  # both ranks' parts, gathered
-    out = torchrun(
-        3,
-        "--steps",
-        "100000",
-        "--checkpoint-every",
-        "1000",
-        "--out",
-        str(tmp_path),
-        "--resume",
-        *EPOCH,
-        *window,
-    )
+    out = torchrun(3, *TO_THE_END, "--out", str(tmp_path), "--resume", *EPOCH, *window)
     tokens, steps = traced(tmp_path)
     assert sorted(steps) == ["tokens-rank0.jsonl", "tokens-rank1.jsonl", "tokens-rank2.jsonl"]
     assert steps["tokens-rank0.jsonl"] == steps["tokens-rank1.jsonl"]  # in lockstep, before and after
