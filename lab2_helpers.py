@@ -6,7 +6,7 @@
     tokens = L.tokenize_stream(stream, L.load_tokenizer())   # 2. streaming_lm/tokenize.py
     blocks = L.group_texts_streaming(tokens)                 # 3. streaming_lm/packing.py
     dataset = L.StreamingLMIterableDataset(tokens)           # 4. streaming_lm/dataset.py
-    loader = L.make_dataloader(dataset)                      # 5. streaming_lm/loader.py (collate_fn)
+    loader = L.make_dataloader(dataset)                      # 5. streaming_lm/loader.py, collate.py
     stats = L.sample_stats(tokens)                           #    streaming_lm/measure.py
     model = L.make_model()                                   #    streaming_lm/training.py
 
@@ -18,9 +18,12 @@ the naive wrapper) are streaming_lm/baselines.py.
 """
 
 from streaming_lm.baselines import NaiveDataset, seed_style_loader
+from streaming_lm.collate import collate_fn
 from streaming_lm.config import BATCH_SIZE, BLOCK_SIZE, DATASET_CONFIG, DATASET_NAME, EOS_TOKEN_ID
 from streaming_lm.dataset import StreamingLMIterableDataset, progress_by_part
-from streaming_lm.loader import collate_fn, make_dataloader
+from streaming_lm.documents import starts_document
+from streaming_lm.encoders import load_tokenizer
+from streaming_lm.loader import make_dataloader
 from streaming_lm.measure import (
     measure_throughput,
     plot_token_lengths,
@@ -33,7 +36,7 @@ from streaming_lm.mixing import mix_streams
 from streaming_lm.packing import group_texts_streaming
 from streaming_lm.source import load_text_stream
 from streaming_lm.state import gather_states
-from streaming_lm.tokenize import load_tokenizer, starts_document, tokenize_stream
+from streaming_lm.tokenize import tokenize_stream
 from streaming_lm.training import TINY, WARMUP_STEPS, evaluate, make_model, make_optimizer, train_steps
 
 __all__ = [

@@ -32,6 +32,9 @@ SHUFFLE_WINDOW_BLOCKS = 256  # blocks shuffled together per part (256 x 256 toke
 TRANSFER_BATCHES = 8  # batches a DataLoader worker ships per transfer (one numpy array, ~0.3 ms)
 PREFETCH_TRANSFERS = 2  # transfers queued per DataLoader worker (torch's default prefetch_factor)
 MIX_STRATUM_BLOCKS = 100  # a mixture draws its sources in strata of 100 blocks: shares exact per stratum
+# epochs in a row without a block, per piece, after which an endless shuffled part is given up (the
+# chance that a piece with a block never came to it by then is below e^-20)
+EMPTY_EPOCHS_PER_PIECE = 20
 
 HUB_PROBE_SECONDS = 5.0  # seconds: give up on the Hub after this long (datasets alone retries ~25 s)
 HUB_RETRIES = 4  # load_dataset attempts after the first when the Hub answers 429 or 5xx

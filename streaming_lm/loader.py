@@ -1,188 +1,38 @@
-"""Step 5, the loader: blocks -> batches of `input_ids`, `attention_mask`, `labels`, each (B, T).
+"""Step 5, the loader: blocks -> batches (collate.py), with a checkpoint, epochs and workers.
 
-`make_dataloader` returns a `StreamingLoader`, a torch DataLoader with a checkpoint: its
-`state_dict()` is the envelope of state.py (every worker's position, per batch), and
+`make_dataloader` returns a `StreamingLoader`, a torch DataLoader whose `state_dict()` is the
+dataset's checkpoint (state.py: every worker's part after the batches yielded) and whose
 `load_state_dict()` resumes it exactly (same ranks and workers) or re-planned (others).
 
-How batches travel: a worker pays a fixed cost per item it ships (measured on 2 cores: ~1 ms for
-a shared-memory tensor, ~0.3 ms for a pickled numpy array), so each worker ships TRANSFER_BATCHES
-batches at a time as one numpy array, with its part's state after each batch (a few ints), and
-the main process splits them: the batches the user sees, and their order, are those of a plain
-DataLoader (workers take turns, batch by batch).
+How batches travel: each worker ships several batches at a time with its part's state after each
+(shipping.py: what the DataLoader iterates is a `Shipper` around the dataset), and the main process
+splits them: the batches the user sees, and their order, are those of a plain DataLoader (workers
+take turns, batch by batch). In-process (num_workers=0) the part is read directly.
 """
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import BATCH_SIZE, EOS_TOKEN_ID, IGNORE_INDEX, PREFETCH_TRANSFERS, TRANSFER_BATCHES
-from .dataset import Snapshot, StreamingLMIterableDataset
-from .packing import token_ids
-from .state import gather_states
+from .checks import check_positive_int
+from .collate import as_batch, collate_arrays, collate_fn
+from .config import BATCH_SIZE, PREFETCH_TRANSFERS, TRANSFER_BATCHES
+from .dataset import StreamingLMIterableDataset
+from .mixing import PassReader
+from .shipping import Shipment, Shipper, Shipping
+from .state import LoaderState, Part, Pass, to_plain
 
 logger = logging.getLogger(__name__)
-NAMES = ("input_ids", "attention_mask", "labels", "position_ids")
-
-
-def document_positions(
-    input_ids: np.ndarray, mask: np.ndarray, eos_token_id: int = EOS_TOKEN_ID
-) -> np.ndarray:
-    """(B, T) positions that restart at 0 at each document start (the EOS that opens it), as
-    Hugging Face's DataCollatorWithFlattening and torchtitan do; before a block's first EOS they
-    count from the block's start."""
-    steps = np.arange(input_ids.shape[-1])  # (T,)
-    starts = np.where((input_ids == eos_token_id) & (mask == 1), steps, 0)  # (..., T)
-    return steps - np.maximum.accumulate(starts, axis=-1)
-
-
-def collate_arrays(
-    ids: np.ndarray, mask: np.ndarray, position_ids: bool = False, axis: int = 0
-) -> np.ndarray:
-    """(B, T) ids and mask -> (3 or 4, B, T) int64: input_ids, attention_mask, labels (-100 where
-    the mask is 0), and with `position_ids` positions restarting at each document. With axis=1:
-    (k, B, T) each -> (k, 3 or 4, B, T)."""
-    features = 4 if position_ids else 3
-    out = np.empty((*ids.shape[:axis], features, *ids.shape[axis:]), np.int64)  # (F, B, T) or (k, F, B, T)
-    field = (slice(None),) * axis
-    out[(*field, 0)] = ids
-    out[(*field, 1)] = mask
-    out[(*field, 2)] = np.where(mask == 1, ids, IGNORE_INDEX)  # labels: -100 on padding
-    if position_ids:
-        out[(*field, 3)] = document_positions(ids, mask)
-    return out
-
-
-def as_batch(array: np.ndarray) -> dict[str, torch.Tensor]:
-    """(F, B, T) collated array -> {"input_ids", "attention_mask", "labels"[, "position_ids"]},
-    views of one LongTensor."""
-    return dict(zip(NAMES, torch.from_numpy(array)))
-
-
-def collate_fn(examples: Sequence[Any], position_ids: bool = False) -> dict[str, torch.Tensor]:
-    """Step 5: list of B blocks -> {"input_ids", "attention_mask", "labels"}, each LongTensor (B, T).
-
-    labels equal input_ids where attention_mask is 1 and -100 where it is 0, so padding never counts
-    in the loss (the model shifts labels itself, as in Hugging Face causal LMs). A real EOS keeps its
-    label: only the mask decides, never the id (the pad id is EOS too). With `position_ids`, adds
-    (B, T) positions restarting at each document's EOS. The tensors are views of one (3 or 4, B, T)
-    tensor.
-    """
-    if not examples:
-        raise ValueError("collate_fn got an empty batch")
-    ids = [token_ids(ex, i) for i, ex in enumerate(examples)]
-    masks = [
-        ex["attention_mask"] if isinstance(ex, dict) and "attention_mask" in ex else np.ones(len(x), np.int64)
-        for ex, x in zip(examples, ids)
-    ]
-    try:
-        input_ids, mask = np.stack(ids), np.stack(masks)  # (B, T) each
-    except ValueError as err:
-        raise ValueError(f"collate_fn needs blocks of one length: {err}") from err
-    if input_ids.shape != mask.shape or input_ids.ndim != 2:
-        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {mask.shape} must be equal (B, T)")
-    return as_batch(collate_arrays(input_ids, mask, position_ids))
-
-
-default_collate = collate_fn  # make_dataloader's argument of the same name shadows it there
-
-
-# ----------------------------------------------------------------------------------- in the worker
-@dataclass
-class Shipment:
-    """What a worker sends per transfer: full batches as one (k, F, B, T) array, other batches (a
-    short last one, or a user collate's outputs) in `extra`, its part's state after each batch,
-    and at the end of its pass its final state."""
-
-    worker: int
-    full: np.ndarray | None
-    extra: list = field(default_factory=list)
-    states: list[Snapshot] = field(default_factory=list)
-    final: Snapshot | None = None
-    held: tuple[int, int] = (0, 0)  # drop_last: (batches, tokens) of its short last batch, not shipped
-
-    def batches(self) -> Iterator[tuple[Any, Snapshot]]:
-        full = [] if self.full is None else list(self.full)
-        return zip(itertools.chain(full, self.extra), self.states)
-
-
-@dataclass(frozen=True)
-class Shipping:
-    """How a loader's view of a dataset ships its blocks: `batch_size` blocks a batch, `per_transfer`
-    batches a transfer, collated by ours (None) or the user's `collate`."""
-
-    batch_size: int
-    per_transfer: int
-    collate: Callable | None = None
-    position_ids: bool = False
-    drop_last: bool = False
-
-    def ship(self, reader: Any, worker: int) -> Iterator[Shipment]:
-        """The shipments of one part's pass (`reader` a PassReader), the last with its final state.
-        Our collate runs once per shipment on all its full batches: (k, F, B, T) in a few numpy calls."""
-        ended = False
-        while not ended:
-            out, full = Shipment(worker, None), []
-            for _ in range(self.per_transfer):
-                ids, mask = gather(reader, self.batch_size)
-                ended = ids is None or len(ids) < self.batch_size  # m < n only at the pass's end
-                if ids is None:
-                    break
-                if ended and self.drop_last:
-                    out.held = (1, int(mask.sum()))
-                    break
-                if self.collate is not None:
-                    out.extra.append(
-                        self.collate([{"input_ids": i, "attention_mask": m} for i, m in zip(ids, mask)])
-                    )
-                elif not ended:
-                    full.append((ids, mask))
-                else:
-                    out.extra.append(collate_arrays(ids, mask, self.position_ids))
-                out.states.append(reader.snapshot())
-                if ended:
-                    break
-            out.full = self._collate_full(full) if full else None
-            out.final = reader.snapshot() if ended else None
-            yield out
-
-    def _collate_full(self, full: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """k full batches of (B, T) ids and masks -> (k, F, B, T) int64, collated at once."""
-        ids = np.stack([i for i, _ in full])  # (k, B, T)
-        mask = np.stack([m for _, m in full])  # (k, B, T)
-        return collate_arrays(ids, mask, self.position_ids, axis=1)
-
-
-def gather(reader: Any, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Up to n blocks from `reader` as ((m, T) ids, (m, T) mask), m < n only at the pass's end."""
-    parts = []
-    while (have := sum(len(p[0]) for p in parts)) < n:
-        got = reader.take(n - have)
-        if got is None:
-            break
-        parts.append(got)
-    if not parts:
-        return None, None
-    if len(parts) == 1:
-        return parts[0]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def to_batch(batch: Any, pin: bool = False) -> Any:
-    """A shipped batch as the user gets it (ours: a dict of LongTensor views of one tensor)."""
-    if isinstance(batch, np.ndarray):
-        tensor = torch.from_numpy(batch)
-        return dict(zip(NAMES, tensor.pin_memory() if pin else tensor))
-    return batch
 
 
 def _identity(item: Any) -> Any:
@@ -214,27 +64,25 @@ class PlainLoader(torch.utils.data.DataLoader):
 
 
 def _init_worker(user_init: Any, worker_id: int) -> None:
-    """In each DataLoader worker: no tokenizer thread pool (see make_dataloader), then the user's init."""
+    """In each DataLoader worker: no tokenizer thread pool (see forking_workers), then the user's init."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if user_init is not None:
         user_init(worker_id)
 
 
-# ----------------------------------------------------------------------------------- in the main process
 class Batches:
-    """One pass of a StreamingLoader: splits the workers' shipments into batches, in the order a
-    plain DataLoader gives (workers take turns; a worker that ran out is skipped), and keeps each
-    part's state after the last batch it yielded."""
+    """One pass of a StreamingLoader with workers: splits their shipments into batches, in the order
+    a plain DataLoader gives (workers take turns; one that ran out is skipped), and keeps each
+    worker's part after the last batch it yielded."""
 
     def __init__(
-        self, shipments: Iterator[Shipment], starts: list[Snapshot], turn: int, in_order: bool, pin: bool
+        self, shipments: Iterator[Shipment], starts: list[Part], turn: int, in_order: bool, pin: bool
     ) -> None:
-        self.shipments, self.pin = shipments, pin  # no reference to the loader: no cycle to collect
+        self.shipments, self.pin, self.in_order = shipments, pin, in_order  # no loader here: no cycle
         self.states = list(starts)  # per worker: after its last yielded batch
         self.queues: list[collections.deque] = [collections.deque() for _ in starts]
-        self.done = [s.ended for s in starts]
+        self.done = [all(s.ended for s in p.sources.values()) for p in starts]
         self.turn = turn  # the worker whose batch comes next
-        self.in_order = in_order
         self.held = [0, 0]
         self.finished = False
 
@@ -250,12 +98,27 @@ class Batches:
                 raise StopIteration
             worker = self._next_worker()
             if self.queues[worker]:
-                return self._pop(worker)
+                batch, self.states[worker] = self.queues[worker].popleft()
+                if batch is None:  # the end of this worker's pass
+                    self.done[worker] = True
+                    continue
+                self.turn = (worker + 1) % len(self.queues)
+                return as_batch(batch, self.pin) if isinstance(batch, np.ndarray) else batch
             shipment = next(self.shipments, None)
             if shipment is None:  # the DataLoader ended: every worker is done
                 self.done = [True] * len(self.done)
                 continue
-            self._receive(shipment)
+            self.queues[shipment.worker].extend(shipment.batches())
+            if shipment.final is not None:
+                self.queues[shipment.worker].append((None, shipment.final))
+            self.held = [self.held[0] + shipment.held[0], self.held[1] + shipment.held[1]]
+
+    def close(self) -> None:
+        """Shut the workers down now (after an error in one): left to the garbage collector, the
+        reference cycle of a worker's re-raised exception keeps them waiting 5 s each."""
+        stop = getattr(self.shipments, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
 
     def _next_worker(self) -> int:
         if not self.in_order:
@@ -264,22 +127,6 @@ class Batches:
             self.turn = (self.turn + 1) % len(self.queues)
         return self.turn
 
-    def _receive(self, shipment: Shipment) -> None:
-        queue = self.queues[shipment.worker]
-        queue.extend(shipment.batches())
-        if shipment.final is not None:
-            queue.append((None, shipment.final))
-        self.held = [self.held[0] + shipment.held[0], self.held[1] + shipment.held[1]]
-
-    def _pop(self, worker: int) -> Any:
-        batch, state = self.queues[worker].popleft()
-        self.states[worker] = state
-        if batch is None:  # the end of this worker's pass
-            self.done[worker] = True
-            return self.__next__()
-        self.turn = (worker + 1) % len(self.queues)
-        return to_batch(batch, self.pin)
-
     def next_worker(self) -> int:
         """The worker whose batch comes next (saved, so that a resume keeps the turns)."""
         return self._next_worker() if not all(self.done) else 0
@@ -287,17 +134,16 @@ class Batches:
 
 class Direct:
     """One pass read in this process (num_workers=0): batches straight from the part's reader,
-    without shipments or torch's per-item machinery; nothing is buffered between the reader and
-    the caller, so the part's state is the reader's, taken when asked (not after every batch)."""
+    without shipments or torch's per-item machinery; its part is the reader's, taken when asked."""
 
-    def __init__(self, reader: Any, shipping: Shipping, pin: bool) -> None:
+    def __init__(self, reader: PassReader, shipping: Shipping, pin: bool) -> None:
         self.reader, self.shipping, self.pin = reader, shipping, pin
         self.held = [0, 0]
         self.finished = False
 
     @property
-    def states(self) -> list[Snapshot]:
-        return [self.reader.snapshot()]
+    def states(self) -> list[Part]:
+        return [self.reader.part()]
 
     def next_worker(self) -> int:
         return 0
@@ -307,60 +153,44 @@ class Direct:
 
     def __next__(self) -> Any:
         shipping = self.shipping
-        ids, mask = (None, None) if self.finished else gather(self.reader, shipping.batch_size)
+        ids, mask = (None, None) if self.finished else shipping.batch(self.reader)
         if ids is None or (len(ids) < shipping.batch_size and shipping.drop_last):
-            if ids is not None:
-                self.held = [1, int(mask.sum())]
+            self.held = [0, 0] if ids is None else [1, int(mask.sum())]
             self.finished = True
             raise StopIteration
         if shipping.collate is not None:
-            return shipping.collate([{"input_ids": i, "attention_mask": m} for i, m in zip(ids, mask)])
-        return to_batch(collate_arrays(ids, mask, shipping.position_ids), self.pin)
+            return shipping.users(ids, mask)
+        return as_batch(collate_arrays(ids, mask, shipping.position_ids), self.pin)
 
 
 class StreamingLoader(torch.utils.data.DataLoader):
     """A torch DataLoader over a StreamingLMIterableDataset, with what a training loop needs of it:
 
-    - `state_dict()` / `load_state_dict()`: the checkpoint envelope (state.py), exact batch by
-      batch with the same ranks and workers, re-planned with others (every token still once);
-    - epochs advance by themselves: each new pass after a finished one starts at the next epoch
-      unless the caller called `set_epoch`; with persistent workers too (the epoch is shared);
+    - `state_dict()` / `load_state_dict()`: the checkpoint (state.py), exact batch by batch with
+      the same ranks and workers, re-planned with others (every token still once);
+    - epochs advance by themselves: a finished pass moves the dataset to the next epoch (unless the
+      caller set one), and the next pass continues it; with persistent workers too;
     - `even_steps`: under torch.distributed, every rank yields the smallest rank's batch count.
 
-    `loader.dataset` is the dataset as the workers see it (it ships batches); `loader.batch_size`
-    and `loader.drop_last` are the values given.
+    `loader.dataset` is the Shipper the workers iterate (`set_epoch` reaches the dataset);
+    `loader.batch_size` and `loader.drop_last` are the values given.
     """
 
     def __init__(
-        self,
-        dataset: StreamingLMIterableDataset,
-        *,
-        batch_size: int,
-        num_workers: int,
-        collate: Callable | None,
-        position_ids: bool,
-        drop_last: bool,
-        even_steps: bool,
-        per_transfer: int,
-        **kwargs: Any,
+        self, dataset: StreamingLMIterableDataset, *, shipping: Shipping, even_steps: bool, **kwargs: Any
     ) -> None:
         self._pin = bool(kwargs.pop("pin_memory", False)) and torch.cuda.is_available()
-        shipping = Shipping(batch_size, per_transfer, collate, position_ids, drop_last)
-        super().__init__(
-            dataset.view(shipping), batch_size=None, num_workers=num_workers, collate_fn=_identity, **kwargs
-        )
-        self.lm_dataset = dataset
-        self._lm_batch_size, self._lm_drop_last = batch_size, drop_last
-        self.even_steps = even_steps
+        super().__init__(Shipper(dataset, shipping), batch_size=None, collate_fn=_identity, **kwargs)
+        self.lm_dataset, self.shipping, self.even_steps = dataset, shipping, even_steps
         self.not_yielded = {"batches": 0, "tokens": 0}  # even_steps / drop_last: this rank's, last pass
         self._batches: Batches | Direct | None = None
-        self._resume: dict | None = None
-        self._pass_epoch: int | None = None
+        self._resume: Any = None
+        self._lm_pass: Pass | None = None
 
     # the values given (torch's own are None and False: the workers ship whole batches)
     @property
     def batch_size(self) -> int | None:
-        return getattr(self, "_lm_batch_size", None)
+        return self.shipping.batch_size if hasattr(self, "shipping") else None
 
     @batch_size.setter
     def batch_size(self, value: int | None) -> None:
@@ -368,7 +198,7 @@ class StreamingLoader(torch.utils.data.DataLoader):
 
     @property
     def drop_last(self) -> bool:
-        return getattr(self, "_lm_drop_last", False)
+        return self.shipping.drop_last if hasattr(self, "shipping") else False
 
     @drop_last.setter
     def drop_last(self, value: bool) -> None:
@@ -378,45 +208,48 @@ class StreamingLoader(torch.utils.data.DataLoader):
         return max(self.num_workers, 1)
 
     def __iter__(self) -> Iterator[Any]:
-        dataset, view = self.lm_dataset, self.dataset
-        if self._batches is not None and self._batches.finished and dataset.epoch == self._pass_epoch:
-            dataset.set_epoch(
-                dataset.epoch + (dataset.epochs or 1)
-            )  # the caller did not set it: the next epoch
+        dataset, shipper, workers = self.lm_dataset, self.dataset, self._workers()
         resume, self._resume = self._resume, None
         if resume is not None:
-            self._iterator = None  # persistent workers start again: the resume travels with the dataset
-        view._control["resume"] = resume  # the view's own slot: its workers take it with them
-        self._pass_epoch = dataset.epoch
-        workers = self._workers()
-        starts = [view.start_states(w, workers, resume) for w in range(workers)]
-        turns = (resume or {}).get("loader", {}).get("next_worker", {})
-        same = resume is not None and resume["layout"]["num_workers"] == workers
-        self._bounds = view._pass_bounds(resume)
+            self._iterator, shipper.carry = None, {}  # persistent workers start again, with the resume
+        shipper.resume = resume
+        starts = [dataset.start(w, workers, resume, shipper.carry.get(w)) for w in range(workers)]
+        self._lm_pass = starts[0][1]
+        same = resume is not None and resume.loader and resume.layout.num_workers == workers
+        turn = resume.loader.next_worker.get(str(dataset.rank), 0) if same else 0
         if self.num_workers == 0:  # in this process: the part read directly, its state taken when asked
-            self._batches = Direct(view.open_pass(0, 1), view.shipping, self._pin)
+            self._batches = Direct(dataset.open(*starts[0], 1), self.shipping, self._pin)
         else:
             with forking_workers():
                 shipments = super().__iter__()
-            view._control["resume"] = None  # the workers have their copies; the next pass starts afresh
-            turn = turns.get(str(dataset.rank), 0) if same else 0
-            self._batches = Batches(shipments, starts, turn, getattr(self, "in_order", True), self._pin)
+            shipper.resume = None  # the workers have their copies; the next pass starts afresh
+            in_order = getattr(self, "in_order", True)
+            self._batches = Batches(shipments, [p for p, _ in starts], turn, in_order, self._pin)
         if self.even_steps and torch.distributed.is_available() and torch.distributed.is_initialized():
             return self._lockstep(self._batches)
         return self._track(self._batches)
 
     def _track(self, batches: "Batches | Direct") -> Iterator[Any]:
-        yield from batches
-        self._report_held(batches)
+        try:
+            yield from batches
+        except Exception:
+            if isinstance(batches, Batches):
+                batches.close()
+                self._iterator = None  # persistent workers start again on the next pass
+            raise
+        self._finish(batches)
 
-    def _report_held(self, batches: "Batches | Direct") -> None:
+    def _finish(self, batches: "Batches | Direct") -> None:
+        """After a pass: what drop_last held back, the workers' carry, the dataset's next epoch."""
         if batches.held[0]:
             self.not_yielded = {"batches": batches.held[0], "tokens": batches.held[1]}
-            logger.warning(
-                "drop_last=True: %d short last batch(es) of %d tokens were not yielded", *batches.held
-            )
+            logger.warning("drop_last=True: %d short last batch(es) of %d tokens not yielded", *batches.held)
+        pass_ = self._lm_pass = dataclasses.replace(self._lm_pass, over=self._lm_pass.end is not None)
+        self.dataset.carry = {w: (part, pass_) for w, part in enumerate(batches.states)}
+        if pass_.end is not None and self.lm_dataset.epoch == pass_.start:  # the caller did not set one
+            self.lm_dataset.set_epoch(pass_.end)
 
-    def _lockstep(self, batches: Iterator[dict]) -> Iterator[dict]:
+    def _lockstep(self, batches: "Batches | Direct") -> Iterator[dict]:
         """Yield a batch only while every rank has one (one all_reduce of a flag per step), so a
         step's collectives never wait for a rank that ran out; count what this rank did not yield."""
         dist = torch.distributed
@@ -433,45 +266,46 @@ class StreamingLoader(torch.utils.data.DataLoader):
         rest = [] if batch is None else itertools.chain([batch], batches)  # read to the end: count it
         left = [int(b["attention_mask"].sum()) for b in rest]
         self.not_yielded = {"batches": len(left), "tokens": sum(left)}
+        self._finish(batches)
         if left:
             logger.warning(
                 "even_steps: rank %d stopped with the other ranks after %d batches; %d batches (%d tokens) "
                 "of its part were not yielded (endless epochs, epochs=None, lose nothing instead)",
-                dist.get_rank(),
-                steps,
-                len(left),
-                sum(left),
-            )
+                dist.get_rank(), steps, len(left), sum(left),
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """The checkpoint of this rank's parts (state.py): where each worker's part is, after the
-        batches yielded; after a finished pass, where the next pass starts. Ranks that may resume
-        on another world size save `gather_states` of every rank's state (scripts/train.py)."""
+        """The checkpoint of this rank's parts: each worker's part after the batches yielded; after
+        a finished pass, the pass as it ended (a resume goes on with the next). Ranks that may resume
+        on another world size save `gather_states` of every rank's state (scripts/train.py does)."""
         if self._resume is not None:
-            return self._resume
+            return to_plain(self._resume)
         dataset, workers, batches = self.lm_dataset, self._workers(), self._batches
+        turn = 0
         if batches is not None and not batches.finished:
-            turn = {str(dataset.rank): batches.next_worker()}
-            return dataset.envelope(batches.states, workers, *self._bounds, self._loader_info(turn))
-        start = dataset.epoch
-        if batches is not None and start == self._pass_epoch:  # finished: the next pass starts an epoch on
-            start += dataset.epochs or 1
-        end = None if dataset.epochs is None else start + dataset.epochs
-        parts = [dataset.start_states(w, workers, epoch=start) for w in range(workers)]
-        if batches is not None:  # a part between passes reports the epoch it completed
-            parts = [fresh.carrying(done) for fresh, done in zip(parts, batches.states)]
-        return dataset.envelope(parts, workers, start, end, self._loader_info({str(dataset.rank): 0}))
+            parts, pass_, turn = batches.states, self._lm_pass, batches.next_worker()
+        elif self._carried():
+            parts, pass_ = [self.dataset.carry[w][0] for w in range(workers)], self.dataset.carry[0][1]
+        else:
+            starts = [dataset.start(w, workers) for w in range(workers)]
+            parts, pass_ = [p for p, _ in starts], starts[0][1]
+        loader = LoaderState(self.batch_size, {str(dataset.rank): turn})
+        return to_plain(dataset.state(parts, workers, pass_, loader))
 
-    def _loader_info(self, turn: dict[str, int]) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "next_worker": turn}
+    def _carried(self) -> bool:
+        """True if the next pass continues the last one (it was read to its end, no epoch was set)."""
+        carry = self.dataset.carry
+        return len(carry) == self._workers() and all(
+            p.over and p.end == self.lm_dataset.epoch for _, p in carry.values()
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume the next pass from `state` (verified now: ValueError naming what is wrong)."""
-        self._resume = self.lm_dataset.check(state)
+        """Resume the next pass from `state` (checked now: ValueError naming what is wrong)."""
+        self._resume = self.lm_dataset.check(state, self._workers())
         self._batches = None
-        self.lm_dataset.set_epoch(self._resume["pass"]["start"])
-        self._pass_epoch = self.lm_dataset.epoch
+        pass_ = self._resume.pass_  # a pass read to its end resumes into the next one
+        self.lm_dataset.set_epoch(pass_.end if pass_.over else pass_.start)
 
 
 def make_dataloader(
@@ -502,34 +336,27 @@ def make_dataloader(
     neither. Without torch.distributed it does nothing.
     A dataset that is not a StreamingLMIterableDataset gets a plain torch DataLoader with collate_fn.
     """
+    batch_size = check_positive_int("batch_size", batch_size)
+    transfer_batches = check_positive_int("transfer_batches", transfer_batches)
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if position_ids and collate_fn is not None:
+        raise ValueError(
+            "position_ids=True is done by our collate; with your own collate_fn, add them there "
+            "(streaming_lm.collate.document_positions(input_ids, attention_mask))"
+        )
     if num_workers > 0:
         kwargs["worker_init_fn"] = functools.partial(_init_worker, kwargs.get("worker_init_fn"))
         kwargs.setdefault("prefetch_factor", PREFETCH_TRANSFERS)
-    collate = (
-        functools.partial(default_collate, position_ids=position_ids) if collate_fn is None else collate_fn
-    )
     if not isinstance(dataset, StreamingLMIterableDataset):
-        return PlainLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=collate,
-            drop_last=drop_last,
-            **kwargs,
-        )
-    per_transfer = transfer_batches  # in-process too: torch's DataLoader costs ~0.1 ms per item
+        collate = collate_fn or functools.partial(default_collate, position_ids=position_ids)
+        kwargs.update(collate_fn=collate, drop_last=drop_last)
+        return PlainLoader(dataset, batch_size, num_workers=num_workers, **kwargs)
+    shipping = Shipping(batch_size, transfer_batches, collate_fn, position_ids, drop_last)
     with warnings.catch_warnings():  # 3 workers on 2 cores is a choice the caller made
         return StreamingLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate=collate_fn,
-            position_ids=position_ids,
-            drop_last=drop_last,
-            even_steps=even_steps,
-            per_transfer=per_transfer,
-            **kwargs,
+            dataset, shipping=shipping, even_steps=even_steps, num_workers=num_workers, **kwargs
         )
 
 
-__all__ = ["collate_fn", "make_dataloader", "StreamingLoader", "gather_states"]
+default_collate = collate_fn  # make_dataloader's argument of the same name shadows it there

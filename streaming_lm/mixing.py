@@ -1,4 +1,5 @@
-"""Mixtures: several token streams, each with a weight, feeding one StreamingLMIterableDataset.
+"""Mixtures: several token streams, each with a weight, feeding one StreamingLMIterableDataset. A
+single stream is a mixture of one ("main", weight 1): the dataset has one path.
 
     mixture = mix_streams({"wiki": (wiki_tokens, 0.7), "sotu": (sotu_tokens, 0.3)}, seed=0)
     dataset = StreamingLMIterableDataset(mixture, shuffle=True)
@@ -7,30 +8,33 @@ Each source keeps its own pieces, plan and rolling buffer in every part, so a bl
 sources, and each source's tokens land exactly once per that source's epoch. Which source gives a
 part's next block is drawn in strata of MIX_STRATUM_BLOCKS (100) blocks: each stratum holds every
 source's share of the 100 (floor(weight x 100), the rest drawn in proportion to what is left over),
-in an order drawn from (seed, the part's key, the stratum). So the measured shares follow the
-weights within a block per 100, and a checkpoint needs only the number of blocks drawn.
+in an order drawn from (seed, the part's draw generation, rank, worker, the stratum). So the shares
+follow the weights within a block per 100, and a checkpoint needs only the number of blocks drawn.
 
 When a source's epoch runs out (`on_exhausted`):
 - "repeat" (default): it starts its next epoch; a pass of `epochs` epochs ends once every source
   has completed that many (the smaller sources repeat meanwhile, like HF's "all_exhausted");
   with epochs=None the mixture is endless.
-- "stop": the pass ends as soon as one source has completed `epochs` epochs (HF's
-  "first_exhausted"); what the other sources had left of their epoch is not read in this pass.
+- "stop": the pass ends as soon as one source has completed `epochs` epochs (HF's "first_exhausted").
+Either way the next pass continues every source where it stands, so its epochs go on, each in a
+new order, and none is read twice.
 """
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .checks import check_choice, is_int
-from .config import MIX_STRATUM_BLOCKS
-from .dataset import Snapshot
-from .reading import PartReader, Settings, ones
+from .config import EMPTY_EPOCHS_PER_PIECE, MIX_STRATUM_BLOCKS
+from .reading import Blocks, SourceReader, ones
+from .state import Draws, Part, Pass
 
 POLICIES = ("repeat", "stop")
+MAIN = "main"  # the name of a dataset's one source when it is not a mixture
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,59 +45,48 @@ class Mixture:
     weights: dict[str, float]
     seed: int = 0
     on_exhausted: str = "repeat"
-    is_mixture = True
 
-    def check(self, settings: Settings) -> None:
-        """ValueError for dataset settings this mixture cannot honour."""
-        if self.on_exhausted == "stop" and settings.epochs is None:
-            raise ValueError("on_exhausted='stop' needs a finite pass: epochs=N, not None (endless)")
 
-    def config(self) -> dict[str, Any]:
-        """What a checkpoint must match."""
-        return {"weights": dict(self.weights), "on_exhausted": self.on_exhausted, "seed": self.seed}
-
-    def fresh_mix(self, rank: int, worker: int) -> dict:
-        """A part's draws at the start of a pass: none yet; its key names the layout and the part.
-        drawn: blocks drawn from each source in this pass."""
-        return {"chosen": 0, "key": [0, rank, worker], "drawn": dict.fromkeys(self.streams, 0)}
-
-    def replanned_mix(self, old: list[dict], rank: int, worker: int) -> dict:
-        """A new part's draws after an elastic resume: a fresh sequence of a new generation."""
-        generation = max(m["key"][0] for m in old) + 1
-        return {"chosen": 0, "key": [generation, rank, worker], "drawn": dict.fromkeys(self.streams, 0)}
-
-    def pass_reader(
-        self, readers: dict[str, PartReader], start: int, end: int | None, mix: dict, settings: Settings
-    ) -> "MixReader":
-        return MixReader(self, readers, start, end, mix)
+def as_mixture(stream: Any) -> Mixture:
+    """`stream` itself if it is a Mixture, else a mixture of one."""
+    return stream if isinstance(stream, Mixture) else Mixture({MAIN: stream}, {MAIN: 1.0})
 
 
 def mix_streams(
     streams: dict[str, tuple[Any, float]], *, seed: int = 0, on_exhausted: str = "repeat"
 ) -> Mixture:
     """Several token streams (`tokenize_stream` outputs, or token rows), each with a weight, as one
-    mixture for StreamingLMIterableDataset. {name: (stream, weight)}; weights > 0, normalized."""
+    mixture for StreamingLMIterableDataset. {name: (stream, weight)}; weights are positive real
+    numbers (int, float, numpy, Fraction, Decimal), normalized to sum 1."""
     check_choice("on_exhausted", on_exhausted, POLICIES)
     if not isinstance(streams, dict) or not streams:
         raise ValueError("mix_streams needs a dict {name: (stream, weight)} with at least one stream")
-    if not is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     weights = {}
     for name, pair in streams.items():
-        if not isinstance(name, str) or not isinstance(pair, tuple) or len(pair) != 2:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"mix_streams: names must be non-empty strings, got {name!r}")
+        if not isinstance(pair, tuple) or len(pair) != 2:
             raise ValueError(f"mix_streams: entry {name!r} must be name: (stream, weight), got {pair!r:.60}")
-        weight = pair[1]
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not math.isfinite(weight)
-            or weight <= 0
-        ):
-            raise ValueError(f"mix_streams: the weight of {name!r} must be a positive number, got {weight!r}")
-        weights[name] = float(weight)
+        if pair[0] is None or isinstance(pair[0], str | bytes | Mixture):
+            raise ValueError(
+                f"mix_streams: {name!r} must be a token stream (tokenize_stream's), got {pair[0]!r:.60}"
+            )
+        weights[name] = _weight(name, pair[1])
     total = sum(weights.values())
+    if not math.isfinite(total):
+        raise ValueError(f"mix_streams: the weights sum to {total}: give them on a smaller scale")
     normalized = {name: w / total for name, w in weights.items()}
     return Mixture({name: pair[0] for name, pair in streams.items()}, normalized, int(seed), on_exhausted)
+
+
+def _weight(name: str, weight: Any) -> float:
+    real = isinstance(weight, numbers.Real) or type(weight).__name__ == "Decimal"
+    value = float(weight) if real and not isinstance(weight, bool) else math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"mix_streams: the weight of {name!r} must be a positive number, got {weight!r}")
+    return value
 
 
 def stratum(weights: np.ndarray, key: list[int], index: int, size: int = MIX_STRATUM_BLOCKS) -> np.ndarray:
@@ -109,46 +102,35 @@ def stratum(weights: np.ndarray, key: list[int], index: int, size: int = MIX_STR
     return rng.permutation(np.repeat(np.arange(len(weights)), counts))
 
 
-class MixReader:
-    """One part's pass over a mixture: a PartReader per source and the draws between them."""
+class PassReader:
+    """One part's pass: a SourceReader per source, the draws between them, the pass's end."""
 
-    def __init__(
-        self, mixture: Mixture, readers: dict[str, PartReader], start: int, end: int | None, mix: dict
-    ) -> None:
-        self.mixture, self.readers, self.start, self.end = mixture, readers, start, end
+    def __init__(self, readers: dict[str, SourceReader], mixture: Mixture, draws: Draws, pass_: Pass) -> None:
+        self.readers, self.mixture, self.pass_ = readers, mixture, pass_
         self.names = list(readers)
         self.weights = np.array([mixture.weights[name] for name in self.names])
-        self.chosen, self.key = mix["chosen"], [mixture.seed, *mix["key"]]
-        self.drawn = dict(mix["drawn"])
-        self._stratum: tuple[int, np.ndarray] | None = None
+        self.chosen, self.generation, self.drawn = draws.chosen, draws.generation, dict(draws.drawn)
         first = next(iter(readers.values()))
         self.rank, self.worker, self.block_size = first.rank, first.worker, first.settings.block_size
+        self.key = [mixture.seed, self.generation, self.rank, self.worker]
+        self._stratum: tuple[int, np.ndarray] | None = None
 
     @property
     def ended(self) -> bool:
         return all(r.ended for r in self.readers.values())
 
-    def _draws(self, n: int) -> np.ndarray:
-        """The sources of the next n blocks."""
-        index, offset = divmod(self.chosen, MIX_STRATUM_BLOCKS)
-        if self._stratum is not None and self._stratum[0] == index and offset + n <= MIX_STRATUM_BLOCKS:
-            return self._stratum[1][offset : offset + n]  # within the current stratum (most calls)
-        out, at = [], self.chosen
-        while sum(map(len, out)) < n:
-            index = at // MIX_STRATUM_BLOCKS
-            if self._stratum is None or self._stratum[0] != index:
-                self._stratum = (index, stratum(self.weights, self.key, index))
-            offset = at - index * MIX_STRATUM_BLOCKS
-            piece = self._stratum[1][offset : offset + n - sum(map(len, out))]
-            out.append(piece)
-            at += len(piece)
-        return np.concatenate(out)
+    def part(self) -> Part:
+        """Where this part stands (state.Part)."""
+        sources = {name: reader.state() for name, reader in self.readers.items()}
+        return Part(self.rank, self.worker, sources, Draws(self.chosen, self.generation, dict(self.drawn)))
 
-    def take(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def take(self, n: int) -> Blocks | None:
         """Up to n blocks, each from the source drawn for it ((m, T) ids and mask); None when the
-        pass is over. Runs of the same source are taken at once, into one output array."""
+        pass is over. Several blocks of a source are taken at once, into one output array."""
         if self.ended:
             return None
+        if len(self.names) == 1:
+            return self._count(self.names[0], self._take_from(self.names[0], n))
         draws = self._draws(n)
         counts = np.bincount(draws, minlength=len(self.names))
         if all(self.readers[name].ready(int(k)) for name, k in zip(self.names, counts) if k):
@@ -159,38 +141,52 @@ class MixReader:
         for start, end in itertools.pairwise(runs):
             name = self.names[draws[start]]
             while filled < end:  # fewer than the run when the source's buffer ran low: the run goes on
-                got = self._take_from(name, end - filled)
+                got = self._count(name, self._take_from(name, end - filled))
                 if got is None:  # the pass is over
                     return (ids[:filled], mask[:filled]) if filled else None
-                k = len(got[0])
-                ids[filled : filled + k], mask[filled : filled + k] = got
-                filled += k
-                self.chosen += k
-                self.drawn[name] += k
+                ids[filled : filled + len(got[0])], mask[filled : filled + len(got[0])] = got
+                filled += len(got[0])
         return ids, mask
 
-    def _scatter(self, draws: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _count(self, name: str, got: Blocks | None) -> Blocks | None:
+        if got is not None:
+            self.chosen += len(got[0])
+            self.drawn[name] += len(got[0])
+        return got
+
+    def _draws(self, n: int) -> np.ndarray:
+        """The sources of the next n blocks."""
+        out, at = [], self.chosen
+        while (have := sum(map(len, out))) < n:
+            index = at // MIX_STRATUM_BLOCKS
+            if self._stratum is None or self._stratum[0] != index:
+                self._stratum = (index, stratum(self.weights, self.key, index))
+            offset = at - index * MIX_STRATUM_BLOCKS
+            out.append(self._stratum[1][offset : offset + n - have])
+            at += len(out[-1])
+        return np.concatenate(out)
+
+    def _scatter(self, draws: np.ndarray, counts: np.ndarray) -> Blocks:
         """The blocks of `draws` when every source has its share cut already: one take per source,
-        placed where its draws are (the same blocks, in the same order, as run by run). Whole
-        blocks share one read-only mask, as a single source's do."""
-        got = {i: self.readers[self.names[i]].take(int(k)) for i, k in enumerate(counts) if k}
-        for i, (blocks, _) in got.items():
-            self.drawn[self.names[i]] += len(blocks)
-        self.chosen += len(draws)
+        placed where its draws are (the same blocks, in the same order, as run by run)."""
+        got = {
+            i: self._count(self.names[i], self.readers[self.names[i]].take(int(k)))
+            for i, k in enumerate(counts)
+            if k
+        }
         if len(got) == 1:  # one source this time: its views as they are
             return next(iter(got.values()))
         ids = np.empty((len(draws), self.block_size), np.int64)
         whole = all(not m.flags.writeable for _, m in got.values())
         mask = ones(ids.shape) if whole else np.empty_like(ids)
         for i, (blocks, masks) in got.items():
-            where = draws == i
-            ids[where] = blocks
+            ids[draws == i] = blocks
             if not whole:
-                mask[where] = masks
+                mask[draws == i] = masks
         return ids, mask
 
-    def _take_from(self, name: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Up to n blocks of source `name`, applying `on_exhausted` at the end of its epochs."""
+    def _take_from(self, name: str, n: int) -> Blocks | None:
+        """Up to n blocks of source `name`, going on to its next epochs as `on_exhausted` says."""
         reader = self.readers[name]
         while not reader.ended:
             got = reader.take(n)
@@ -200,30 +196,39 @@ class MixReader:
                 for other in self.readers.values():
                     other.ended = True
                 return None
-            if reader.default and reader.last_epoch and reader.last_epoch["blocks"] == 0:
-                raise ValueError(
-                    f"{reader.label} gives no block in a whole epoch ({reader.last_epoch['dropped']} tokens "
-                    f"< block_size): it can never be drawn. Fix: more data for it, fewer ranks or workers, "
-                    "a smaller block_size, or pad_last=True"
-                )
-            reader.next_epoch()
+            self._check_yields(reader)
         return None
 
-    def _pass_over(self, reader: PartReader) -> bool:
+    def _pass_over(self, reader: SourceReader) -> bool:
         """After `reader` completed an epoch: is the pass over?"""
-        if self.end is None:
+        end = self.pass_.end
+        if end is None:
             return False
         if self.mixture.on_exhausted == "stop":
-            return reader.epoch + 1 >= self.end
-        return all(self._completed(r) >= self.end - 1 for r in self.readers.values())
+            return reader.epoch >= end
+        return all(r.epoch >= end for r in self.readers.values())
 
-    @staticmethod
-    def _completed(reader: PartReader) -> int:
-        """The last epoch `reader` completed (-1 if none)."""
-        done = reader.last_epoch["epoch"] if reader.last_epoch else -1
-        return max(reader.epoch - 1, done)
+    def _check_yields(self, reader: SourceReader) -> None:
+        """ValueError when a pass that cannot end without this source's blocks never gets one."""
+        finite = self.pass_.end is not None and (len(self.names) == 1 or self.mixture.on_exhausted == "stop")
+        dealing = reader.dealing
+        limit = 1 if dealing.fixed_share() else EMPTY_EPOCHS_PER_PIECE * dealing.n_pieces + 1
+        if finite or reader.empty_epochs < limit:
+            return
+        raise never_yields(reader)
 
-    def snapshot(self) -> Snapshot:
-        sources = {name: reader.state() for name, reader in self.readers.items()}
-        mix = {"chosen": self.chosen, "key": self.key[1:], "drawn": dict(self.drawn)}
-        return Snapshot(self.rank, self.worker, sources, mix)
+
+def never_yields(reader: SourceReader) -> ValueError:
+    """The error for a part that can never yield a block, with its numbers and the fixes that apply."""
+    last, settings, dealing = reader.last, reader.settings, reader.dealing
+    held = last.tokens + last.dropped
+    share = f"{dealing.world_size} x {dealing.num_workers} parts share {dealing.n_pieces} piece(s)"
+    fixes = [f"fewer ranks or workers ({share})", "more data"]
+    if held:
+        fixes = [*(["pad_last=True"] if not settings.pad_last else []), f"block_size={held} or less", *fixes]
+    why = "with pad_last=False" if held else "it holds no text, so even with pad_last=True"
+    return ValueError(
+        f"{reader.label} holds {held:,} tokens per epoch, fewer than block_size={settings.block_size} "
+        f"({reader.empty_epochs} epoch(s) in a row without a block): {why} it can never yield a block, "
+        f"and the pass cannot end without it. Fix: {', '.join(fixes)}"
+    )

@@ -1,313 +1,399 @@
-"""The checkpoint: one envelope, versioned, verified. `dataset.state_dict()` and
-`loader.state_dict()` return it; `load_state_dict()` refuses anything else with a ValueError that
-names what is wrong. Schema, version 2 (plain Python values: it pickles, torch.saves with
-weights_only=True, and dumps to JSON):
+"""The checkpoint: one typed value (`DataState`), its schema and version, and every check of it.
 
-    {
-      "format": "streaming_lm.data_state",
-      "version": 2,
-      "settings": {                        # what a resume must match (else refused, naming the field)
-        "block_size", "pad_last", "shuffle", "seed", "shuffle_window", "epochs", "vocab_size",
-        "pad_token_id",                    # reading.Settings
-        "sources": {NAME: {"identity": {   # one per source ("main", or a mixture's names)
-            "source": {"files": "2 files #ab12..", "split": "train", ...} or
-                      {"hub": REPO, "config", "split", "revision": COMMIT},
-            "tokenizer", "layout", "separate_documents"}, "pieces": N}},
-        "mixture": None or {"weights": {NAME: w}, "on_exhausted": "repeat" | "stop", "seed": S},
-      },
-      "layout": {"world_size": R, "num_workers": W, "ranks": [the ranks whose parts are here]},
-      "pass": {"start": FIRST EPOCH, "end": EPOCH AFTER THE LAST (None: endless)},
-      "loader": {"batch_size": B, "next_worker": w, "finished": bool} (a loader's state only),
-      "parts": [                           # one per (rank, worker) of `ranks` x `num_workers`
-        {"rank": r, "worker": w,
-         "sources": {NAME: PartState},     # parts.PartState.to_dict(): where this part is
-         "mix": {"chosen": n, "key": [..]} # a mixture's draws so far (mixing.py)
-        }, ...],
-      "digests": {"envelope": HEX, "r0w1": {"NAME.FIELD": HEX, ..., "mix": HEX}}
-    }
-
-A PartState (parts.py) holds: "epoch"; "cursor" and "next" (the task of its plan and the position
-[piece, row, token] of the first token not yet emitted; inside a shuffle window, where the window
-began); "window" ({"start", "end", "emitted"}: the open shuffle window); "pending" (windows of an
-earlier layout still to finish, with the tasks they read); "plans" (its plans for epochs where the
-default does not hold, after an elastic resume: tasks [piece, row, token, step, offset]);
-"blocks", "tokens" (emitted this epoch), "dropped" (tail tokens dropped this pass),
-"last_epoch", "ended". No tokens are stored: a resume re-reads from the positions.
-
-May change between save and resume: world_size (give every rank the gathered state of all ranks:
-`gather_states`), num_workers, batch_size and the other DataLoader settings. May not: anything
-under "settings" (block size, shuffling, epochs, the source's files or commit, tokenizer, document
-rule). Digests, computed at save, turn any later edit or truncation into an error naming the part
-and field.
+`state_dict()` returns `to_plain(state)`: plain data that pickles, `torch.save`s, loads with
+`weights_only=True` and dumps to JSON. `from_plain` is the only way back; it names the first field
+that is wrong ("corrupt checkpoint: parts[1].sources.main.next: ..."): format and version, then the
+digests (every leaf has one, over its path and value: an edit, a deletion or a value moved to
+another part is named), the type and range of every field (from the dataclasses below), what must
+hold between fields. `check_resume` checks it against the dataset that resumes: settings, layout,
+every position against its plan. No tokens are stored: a part reads again from its position (piece,
+row, token) and draws the same shuffle windows, so a state is a few KB. `schema()` prints the schema.
 """
 
-import hashlib
-import json
-from collections.abc import Iterator
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, ClassVar
 
-from .checks import is_int
+from . import plain
 
 FORMAT = "streaming_lm.data_state"
-VERSION = 2
+VERSION = 3
 MAY_CHANGE = "world_size (with the state of every rank), num_workers, batch_size, DataLoader settings"
-PART_FIELDS = (
-    "epoch",
-    "cursor",
-    "next",
-    "window",
-    "pending",
-    "plans",
-    "blocks",
-    "tokens",
-    "dropped",
-    "last_epoch",
-    "ended",
-)
+NonNeg = Annotated[int, 0]  # an int >= 0
+Positive = Annotated[int, 1]  # an int >= 1
 
 
-def part_key(rank: int, worker: int) -> str:
-    return f"r{rank}w{worker}"
+@dataclasses.dataclass(frozen=True, order=True)
+class Position:
+    """A place in the corpus: [piece, row, token] (a document's EOS is its row's token 0)."""
+
+    LIST: ClassVar[bool] = True
+    piece: NonNeg
+    row: NonNeg = 0
+    token: NonNeg = 0
 
 
-def digest(value: Any) -> str:
-    """16 hex digits of SHA-256 over the canonical JSON of `value`."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Read a piece from (row, token) on, keeping the rows with index % step == offset."""
+
+    LIST: ClassVar[bool] = True
+    piece: NonNeg
+    row: NonNeg = 0
+    token: NonNeg = 0
+    step: Positive = 1
+    offset: NonNeg = 0
+
+    @property
+    def start(self) -> Position:
+        return Position(self.piece, self.row, self.token)
+
+    def holds(self, position: Position) -> bool:
+        """True if `position` is one of this task's rows, at or after its start."""
+        mine = position.piece == self.piece and position.row % self.step == self.offset
+        return mine and (position.row, position.token) >= (self.row, self.token)
+
+    def from_(self, position: Position) -> "Task":
+        return Task(self.piece, position.row, position.token, self.step, self.offset)
 
 
-def _envelope_digest(state: dict) -> str:
-    keys = ["format", "version", "settings", "layout", "pass", "loader"]
-    parts = [part_key(p["rank"], p["worker"]) for p in state["parts"]]
-    return digest([{k: state.get(k) for k in keys}, parts])
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A shuffle window: its blocks drawn in the order of (seed, epoch, start)."""
+
+    start: Position  # where its first block begins
+    end: Position | None  # where the block after its last begins; null: the plan's end, tail included
+    emitted: NonNeg = 0  # blocks of it handed out
+    tasks: tuple[Task, ...] = ()  # what it reads, for a window of an earlier layout
 
 
-def _part_digests(part: dict) -> dict[str, str]:
-    out = {f"{name}.{f}": digest(s.get(f)) for name, s in part["sources"].items() for f in PART_FIELDS}
-    out["mix"] = digest(part.get("mix"))
-    return out
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """A part's work in an epoch where the default plan does not hold (after an elastic resume)."""
+
+    epoch: NonNeg
+    tasks: tuple[Task, ...]
+    pending: tuple[Window, ...] = ()  # windows of the earlier layout, finished first
 
 
-def seal(
-    settings: dict, layout: dict, pass_: dict, parts: list[dict], loader: dict | None = None
-) -> dict[str, Any]:
-    """The envelope around `parts` (each {"rank", "worker", "sources": {name: PartState dict},
-    "mix"}), with its digests."""
-    state = {
-        "format": FORMAT,
-        "version": VERSION,
-        "settings": settings,
-        "layout": layout,
-        "pass": pass_,
-        "parts": parts,
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """What a part gave of one whole epoch."""
+
+    epoch: NonNeg
+    blocks: NonNeg
+    tokens: NonNeg  # real tokens (mask 1)
+    dropped: NonNeg  # tail tokens dropped at its end (pad_last=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceState:
+    """Where one part stands in one source, between two blocks."""
+
+    epoch: NonNeg  # the epoch it reads (at the next one's start once an epoch is out)
+    cursor: NonNeg  # the task of its plan it reads
+    next: Position | None  # the first token not emitted (in an open window: its start); null: all read
+    window: Window | None = None  # its own open shuffle window
+    pending: tuple[Window, ...] = ()  # windows of an earlier layout it finishes first, this epoch
+    plans: tuple[EpochPlan, ...] = ()  # its plans where the default does not hold
+    blocks: NonNeg = 0  # emitted in this epoch
+    tokens: NonNeg = 0  # real tokens emitted in this epoch
+    dropped: NonNeg = 0  # tail tokens dropped in this pass (pad_last=False)
+    last: Counts | None = None  # the last epoch it completed
+    ended: bool = False  # the pass is over for this part
+
+    def plan_for(self, epoch: int) -> EpochPlan | None:
+        return next((p for p in self.plans if p.epoch == epoch), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Draws:
+    """A part's draws between its sources in this pass (mixing.py)."""
+
+    chosen: NonNeg  # blocks drawn
+    generation: NonNeg  # +1 at each elastic re-plan: a fresh sequence of draws
+    drawn: dict[str, NonNeg]  # blocks drawn from each source
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One (rank, worker) part of the pass."""
+
+    rank: NonNeg
+    worker: NonNeg
+    sources: dict[str, SourceState]  # where it stands in each source
+    draws: Draws
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSettings:
+    """What a source is."""
+
+    identity: dict[str, str]  # its files' fingerprint or Hub commit, tokenizer, document rule
+    pieces: NonNeg  # parquet row groups or files
+    weight: float  # in the mixture (1.0 alone)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How blocks are made: a resume must match every field."""
+
+    block_size: Positive  # tokens per block
+    pad_last: bool  # pad each part's last partial block per epoch instead of dropping it
+    shuffle: bool  # piece order per epoch and blocks within windows, from (seed, epoch)
+    seed: NonNeg  # of the shuffle
+    shuffle_window: Positive  # blocks per shuffle window
+    epochs: Positive | None  # per pass; null: endless
+    vocab_size: Positive  # ids must be below it
+    pad_token_id: NonNeg  # the id padding gets (mask 0)
+    sources: dict[str, SourceSettings]  # "main" alone, or a mixture's names
+    mix_seed: NonNeg = 0  # of a mixture's draws
+    on_exhausted: str = "repeat"  # a mixture: "repeat" or "stop"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Who read."""
+
+    world_size: Positive  # ranks
+    num_workers: Positive  # parts per rank: its DataLoader workers (1 in-process)
+    ranks: tuple[NonNeg, ...]  # whose parts the state holds: one rank's, or all (gather_states)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """The epochs of one pass."""
+
+    start: NonNeg  # its first epoch
+    end: NonNeg | None  # the epoch after its last; null: endless
+    over: bool = False  # read to its end (StopIteration seen): a resume goes on with the next pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderState:
+    """A loader's own."""
+
+    batch_size: Positive  # as saved (it may change on resume)
+    next_worker: dict[str, NonNeg]  # per rank, the worker whose batch comes next
+
+
+@dataclasses.dataclass(frozen=True)
+class DataState:
+    """The checkpoint."""
+
+    settings: Settings
+    layout: Layout
+    pass_: Pass
+    parts: tuple[Part, ...]  # one per (rank, worker) of the layout
+    loader: LoaderState | None = None  # a loader's state only
+
+    @property
+    def ended(self) -> bool:
+        """Every part finished the pass."""
+        return all(s.ended for p in self.parts for s in p.sources.values())
+
+
+# ----------------------------------------------------------------------------------- plain data
+def to_plain(state: "DataState") -> dict:
+    """The state as plain data, with its format, version and digests."""
+    return seal({"format": FORMAT, "version": VERSION, **plain.to_plain(state)})
+
+
+def seal(data: dict) -> dict:
+    """Plain state data with its digests computed again (what a save does; a test forges with it)."""
+    body = {k: v for k, v in data.items() if k not in ("format", "version", "digests")}
+    return {
+        "format": data.get("format"),
+        "version": data.get("version"),
+        **body,
+        "digests": plain.digests(body),
     }
-    if loader is not None:
-        state["loader"] = loader
-    state["digests"] = {"envelope": _envelope_digest(state)}
-    for part in parts:
-        state["digests"][part_key(part["rank"], part["worker"])] = _part_digests(part)
+
+
+def from_plain(data: Any) -> "DataState":
+    """The DataState in plain `data`; ValueError naming the first field that is wrong."""
+    _check_envelope(data)
+    body = {k: v for k, v in data.items() if k not in ("format", "version", "digests")}
+    wrong = next(plain.differences(plain.digests(body), data["digests"]), None)
+    if wrong is not None:
+        raise ValueError(f"corrupt checkpoint: {wrong[0] or 'the state'}: {wrong[1]}")
+    state = plain.typed(DataState, body, "")
+    _check_invariants(state)
     return state
 
 
-def open_state(state: Any) -> dict:
-    """`state` if it is a whole, unedited envelope of this version, else ValueError saying what it is."""
-    if not isinstance(state, dict) or not state:
-        kind = "an empty dict" if state == {} else type(state).__name__
+# ----------------------------------------------------------------------------------- checks
+def _check_envelope(data: Any) -> None:
+    """ValueError saying what `data` is when it is not a state of this format and version."""
+    if not isinstance(data, dict) or not data:
+        kind = "an empty dict" if data == {} else type(data).__name__
         raise ValueError(
             f"not a streaming_lm checkpoint: got {kind}. Pass what dataset.state_dict() or "
             "loader.state_dict() returned (an empty state does not mean 'start over': build a fresh loader)"
         )
-    if state.get("format") != FORMAT:
-        raise ValueError(_foreign(state))
-    if state.get("version") != VERSION:
+    keys = sorted(map(str, data))[:8]
+    if data.get("format") != FORMAT:
+        old = {"cursor", "carry", "skip", "_snapshot", "dataset_state"} & set(data)
         raise ValueError(
-            f"this checkpoint has format version {state.get('version')!r}; "
-            f"this code reads version {VERSION}: "
-            "resume it with the code that saved it, or start the epoch afresh"
+            f"this checkpoint is in the unversioned format of streaming_lm before version 2 (keys {keys}); "
+            f"this code reads version {VERSION} only: resume it with the older code, or start afresh"
+            if old
+            else f"not a streaming_lm checkpoint: no 'format': {FORMAT!r} (its keys: {keys}); "
+            "is it a model's or optimizer's state?"
         )
-    _check_shape(state)
-    digests = state["digests"]
-    if digests.get("envelope") != _envelope_digest(state):
+    if data.get("version") != VERSION:
         raise ValueError(
-            "corrupt checkpoint: its settings, layout or list of parts changed after it was saved"
+            f"this checkpoint has format version {data.get('version')!r}; this code reads version "
+            f"{VERSION}: resume it with the code that saved it, or start the epoch afresh"
         )
-    for part in state["parts"]:
-        key = part_key(part["rank"], part["worker"])
-        saved = digests.get(key)
-        if not isinstance(saved, dict):
-            raise ValueError(f"corrupt checkpoint: part {key} has no digests")
-        for field, value in _part_digests(part).items():
-            if saved.get(field) != value:
-                raise ValueError(
-                    f"corrupt checkpoint: part {key}, field {field}: it does not match its digest "
-                    "(edited or damaged after it was saved)"
-                )
+    if "digests" not in data:
+        raise ValueError("corrupt checkpoint: digests: missing")
+
+
+def _check_invariants(state: DataState) -> None:
+    """What must hold between the fields of a state that no save breaks."""
+    layout, settings, ranks = state.layout, state.settings, state.layout.ranks
+    if not ranks or len(set(ranks)) < len(ranks) or max(ranks) >= layout.world_size:
+        _refuse("layout.ranks", f"distinct ranks below world_size={layout.world_size}", ranks)
+    expected = {(r, w) for r in layout.ranks for w in range(layout.num_workers)}
+    found = [(p.rank, p.worker) for p in state.parts]
+    if len(set(found)) != len(found) or set(found) != expected:
+        missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
+        twice = sorted({k for k in found if found.count(k) > 1})
+        raise ValueError(
+            "corrupt checkpoint: parts: must be every (rank, worker) of layout.ranks x "
+            f"layout.num_workers once; missing {missing}, unexpected {extra}, twice {twice}"
+        )
+    if state.pass_.end is not None and state.pass_.end <= state.pass_.start:
+        _refuse("pass.end", f"after pass.start={state.pass_.start}", state.pass_.end)
+    if state.pass_.over and not state.ended:
+        _refuse("pass.over", "True only when every part ended its pass", state.pass_.over)
+    for i, part in enumerate(state.parts):
+        if set(part.sources) != set(settings.sources) or set(part.draws.drawn) != set(settings.sources):
+            _refuse(f"parts[{i}].sources", f"the sources {sorted(settings.sources)}", sorted(part.sources))
+        if sum(part.draws.drawn.values()) != part.draws.chosen:
+            _refuse(f"parts[{i}].draws.chosen", "the sum of draws.drawn", part.draws.chosen)
+        for name, source in part.sources.items():
+            _check_source(source, state, f"parts[{i}].sources.{name}")
+
+
+def _check_source(source: SourceState, state: DataState, path: str) -> None:
+    settings, first, end, window = state.settings, state.pass_.start, state.pass_.end, source.window
+    alone = len(settings.sources) == 1  # a mixture's sources keep their own epochs across passes
+    if alone and (source.epoch < first or end is not None and source.epoch > end):
+        _refuse(f"{path}.epoch", f"in the pass [{first}, {end}]", source.epoch)
+    for name, w in (("window", window), *(("pending", w) for w in source.pending)):
+        if w is not None and not 0 < w.emitted <= settings.shuffle_window:
+            _refuse(f"{path}.{name}.emitted", f"in 1..shuffle_window={settings.shuffle_window}", w.emitted)
+    if window is not None and (not settings.shuffle or source.next != window.start):
+        _refuse(f"{path}.window", "a shuffle window that starts at next", window)
+    if source.tokens > (most := source.blocks * settings.block_size):
+        _refuse(f"{path}.tokens", f"at most blocks x block_size = {most}", source.tokens)
+
+
+def check_resume(
+    state: DataState,
+    settings: Settings,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    plan_of: Callable[[str, int, int, int], tuple[Task, ...]],
+    rows_of: Callable[[str], Any],
+) -> DataState:
+    """`state` if the dataset with `settings` (as they are now) can resume it as part (rank, worker
+    0..num_workers-1) of `world_size` ranks; else ValueError naming the field. `plan_of(name, epoch,
+    rank, worker)`: the default plan of the saved layout; `rows_of(name)`: rows per piece, or None."""
+    wrong = list(_mismatches(plain.to_plain(state.settings), plain.to_plain(settings), "settings"))
+    if wrong:
+        raise ValueError(
+            "this checkpoint cannot resume this dataset; it was saved with other settings or data:\n  "
+            + "\n  ".join(wrong) + f"\nthese must be as they were when it was saved; may change: {MAY_CHANGE}"
+        )  # fmt: skip
+    check_layout(state.layout, rank, world_size, num_workers)
+    for i, part in enumerate(state.parts):
+        for name, source in part.sources.items():
+            explicit = source.plan_for(source.epoch)
+            tasks = explicit.tasks if explicit else plan_of(name, source.epoch, part.rank, part.worker)
+            pieces = state.settings.sources[name].pieces
+            _check_places(source, tasks, pieces, rows_of(name), f"parts[{i}].sources.{name}")
     return state
 
 
-def _foreign(state: dict) -> str:
-    """What a dict that is not our envelope looks like, for the error."""
-    keys = sorted(map(str, state))[:8]
-    old = {"cursor", "carry", "skip"} & set(state) or "_snapshot" in state or "dataset_state" in state
-    if old:
-        return (
-            f"this checkpoint is in the unversioned format of streaming_lm before version {VERSION} (keys "
-            f"{keys}); this code reads version {VERSION} only: resume it with the older code, or start the "
-            "epoch afresh"
-        )
-    return (
-        f"not a streaming_lm checkpoint: no 'format': {FORMAT!r} (its keys: {keys}); "
-        "is it a model's or optimizer's state?"
-    )
-
-
-def _check_shape(state: dict) -> None:
-    """ValueError naming the first field whose type or range no save could have produced."""
-    for name, kind in (
-        ("settings", dict),
-        ("layout", dict),
-        ("pass", dict),
-        ("parts", list),
-        ("digests", dict),
-    ):
-        if not isinstance(state.get(name), kind):
-            raise ValueError(
-                f"corrupt checkpoint: {name} must be a {kind.__name__}, got {state.get(name)!r:.80}"
-            )
-    layout = state["layout"]
-    for name in ("world_size", "num_workers"):
-        if not is_int(layout.get(name)) or layout[name] < 1:
-            raise ValueError(
-                f"corrupt checkpoint: layout.{name} must be a positive int, got {layout.get(name)!r}"
-            )
-    ranks = layout.get("ranks")
-    if (
-        not isinstance(ranks, list)
-        or not ranks
-        or any(not is_int(r) or not 0 <= r < layout["world_size"] for r in ranks)
-    ):
+def check_layout(layout: Layout, rank: int, world_size: int, num_workers: int) -> None:
+    """ValueError unless rank `rank` of `world_size` with `num_workers` parts can take its share from
+    the parts saved: its own (same layout), or every rank's (a re-plan over the new layout)."""
+    every = list(layout.ranks) == list(range(layout.world_size))
+    same = layout.world_size == world_size and rank in layout.ranks and layout.num_workers == num_workers
+    if not (every or same):
         raise ValueError(
-            f"corrupt checkpoint: layout.ranks must list ranks below world_size, got {ranks!r:.80}"
+            f"this checkpoint holds the parts of rank(s) {list(layout.ranks)} of {layout.world_size} with "
+            f"{layout.num_workers} worker(s) each; resuming rank {rank} of {world_size} with {num_workers} "
+            "needs the parts of every rank: save streaming_lm.state.gather_states(all ranks' "
+            "loader.state_dict()) instead (torch.distributed.all_gather_object; scripts/train.py does)"
         )
-    expected = {(r, w) for r in ranks for w in range(layout["num_workers"])}
-    found = []
-    for i, part in enumerate(state["parts"]):
-        if not isinstance(part, dict) or not is_int(part.get("rank")) or not is_int(part.get("worker")):
-            raise ValueError(
-                f"corrupt checkpoint: parts[{i}] must hold an int rank and worker, got {part!r:.80}"
+
+
+def _check_places(source: SourceState, tasks: tuple[Task, ...], pieces: int, rows: Any, path: str) -> None:
+    """ValueError naming a position outside the pieces (and their rows, where known), or not in its
+    task of the plan."""
+    past = max([t.step for t in tasks] + [t.step for p in source.plans for t in p.tasks], default=1) - 1
+    for where, position in _positions(source):  # a position may stand past a dealt task's last row
+        if position.piece >= pieces:
+            _refuse(f"{path}.{where}", f"a piece below {pieces}", position.piece)
+        if rows is not None and position.row > rows[position.piece] + past:
+            _refuse(
+                f"{path}.{where}",
+                f"a row of piece {position.piece} ({rows[position.piece]} rows)",
+                position.row,
             )
-        if not isinstance(part.get("sources"), dict) or not part["sources"]:
-            raise ValueError(
-                f"corrupt checkpoint: part {part_key(part['rank'], part['worker'])} has no sources"
-            )
-        found.append((part["rank"], part["worker"]))
-    if len(set(found)) != len(found) or set(found) != expected:
-        missing = sorted(expected - set(found))
-        extra = sorted(set(found) - expected)
-        twice = sorted({k for k in found if found.count(k) > 1})
-        raise ValueError(
-            "corrupt checkpoint: the parts must be every (rank, worker) of the layout once; "
-            f"missing {missing}, unexpected {extra}, twice {twice}"
-        )
-    for part in state["parts"]:
-        for name, value in part["sources"].items():
-            _check_part(value, f"part {part_key(part['rank'], part['worker'])} source {name}")
+    if source.cursor > len(tasks):
+        _refuse(f"{path}.cursor", f"at most the {len(tasks)} tasks of its plan", source.cursor)
+    done, start = source.cursor == len(tasks), source.next
+    if (start is None) != done or start is not None and not tasks[source.cursor].holds(start):
+        _refuse(f"{path}.next", f"a place in task {source.cursor} of its plan", start)
 
 
-def _ints(value: Any, length: int) -> bool:
-    return isinstance(value, list) and len(value) == length and all(is_int(v) and v >= 0 for v in value)
+def _positions(source: SourceState) -> Iterator[tuple[str, Position]]:
+    windows = [("window", source.window)] if source.window else []
+    for where, window in windows + [(f"pending[{k}]", w) for k, w in enumerate(source.pending)]:
+        yield from ((f"{where}.{e}", p) for e, p in (("start", window.start), ("end", window.end)) if p)
+    yield from [("next", source.next)] if source.next is not None else []
+    yield from ((f"plans[epoch {p.epoch}]", t.start) for p in source.plans for t in p.tasks)
 
 
-def _check_part(value: Any, where: str) -> None:
-    """ValueError naming the field of a PartState dict with a wrong type or range."""
-    if not isinstance(value, dict):
-        raise ValueError(f"corrupt checkpoint: {where} must be a dict, got {value!r:.80}")
-    missing = [f for f in PART_FIELDS if f not in value]
-    if missing:
-        raise ValueError(f"corrupt checkpoint: {where} is missing {missing}")
-    for name in ("epoch", "cursor", "blocks", "tokens", "dropped"):
-        if not is_int(value[name]) or value[name] < 0:
-            raise ValueError(
-                f"corrupt checkpoint: {where}, {name} must be a non-negative int, got {value[name]!r:.80}"
-            )
-    if not isinstance(value["ended"], bool):
-        raise ValueError(
-            f"corrupt checkpoint: {where}, ended must be True or False, got {value['ended']!r:.80}"
-        )
-    if value["next"] is not None and not _ints(value["next"], 3):
-        raise ValueError(
-            f"corrupt checkpoint: {where}, next must be [piece, row, token], got {value['next']!r:.80}"
-        )
-    windows = ([value["window"]] if value["window"] is not None else []) + list(
-        _as_list(value["pending"], where)
-    )
-    for window in windows:
-        _check_window(window, where)
-    for plan in _as_list(value["plans"], where):
-        if (
-            not isinstance(plan, dict)
-            or not is_int(plan.get("epoch"))
-            or not isinstance(plan.get("tasks"), list)
-        ):
-            raise ValueError(
-                f"corrupt checkpoint: {where}, a plan must hold an epoch and tasks, got {plan!r:.80}"
-            )
-        list(_tasks(plan["tasks"], where))
-        for window in plan.get("pending", []):
-            _check_window(window, where)
+def _mismatches(saved: Any, ours: Any, path: str) -> Iterator[str]:
+    """'path: saved X, now Y' for each field where `saved` and `ours` differ (recursing into dicts)."""
+    if isinstance(saved, dict) and isinstance(ours, dict):
+        for key in sorted(set(saved) | set(ours), key=str):
+            yield from _mismatches(saved.get(key), ours.get(key), f"{path}.{key}")
+    elif saved != ours:
+        yield f"{path}: saved {saved!r}, now {ours!r}"
 
 
-def _as_list(value: Any, where: str) -> list:
-    if not isinstance(value, list):
-        raise ValueError(f"corrupt checkpoint: {where}: expected a list, got {value!r:.80}")
-    return value
-
-
-def _tasks(tasks: Any, where: str) -> Iterator[list]:
-    for task in _as_list(tasks, where):
-        if not _ints(task, 5) or task[3] < 1 or task[4] >= task[3]:
-            raise ValueError(
-                f"corrupt checkpoint: {where}, a task must be [piece, row, token, step, offset], "
-                f"got {task!r:.80}"
-            )
-        yield task
-
-
-def _check_window(window: Any, where: str) -> None:
-    if not isinstance(window, dict) or not _ints(window.get("start"), 3):
-        raise ValueError(
-            f"corrupt checkpoint: {where}, a window must start at [piece, row, token], got {window!r:.80}"
-        )
-    if window.get("end") is not None and not _ints(window["end"], 3):
-        raise ValueError(
-            f"corrupt checkpoint: {where}, a window's end must be a position or None, "
-            f"got {window['end']!r:.80}"
-        )
-    if not is_int(window.get("emitted")) or window["emitted"] < 0:
-        raise ValueError(
-            f"corrupt checkpoint: {where}, window.emitted must be a non-negative int, "
-            f"got {window.get('emitted')!r}"
-        )
-    list(_tasks(window.get("tasks", []), where))
+def _refuse(path: str, expected: str, got: Any) -> None:
+    raise ValueError(f"corrupt checkpoint: {path}: expected {expected}, got {got!r:.80}")
 
 
 def gather_states(states: list[dict]) -> dict:
-    """One envelope holding the parts of every rank, from the envelopes each rank saved (e.g. the
-    list torch.distributed.all_gather_object returns): what a resume on another world size needs."""
-    first = open_state(states[0])
-    parts, ranks = [], []
-    for state in map(open_state, states):
-        for name in ("settings", "pass"):
-            if state[name] != first[name]:
-                raise ValueError(f"the ranks' states differ in {name}: they were not saved by one run")
-        parts += state["parts"]
-        ranks += state["layout"]["ranks"]
-    layout = {**first["layout"], "ranks": sorted(set(ranks))}
-    loader = first.get("loader")
-    return seal(
-        first["settings"],
-        layout,
-        first["pass"],
-        sorted(parts, key=lambda p: (p["rank"], p["worker"])),
-        loader,
-    )
+    """One state holding the parts of every rank, from the states each rank saved (e.g. the list
+    torch.distributed.all_gather_object returns): what a resume on another layout needs."""
+    typed = [from_plain(s) for s in states]
+    first = typed[0]
+    for state in typed[1:]:
+        for name in ("settings", "pass_"):
+            if getattr(state, name) != getattr(first, name):
+                raise ValueError(
+                    f"the ranks' states differ in {name.rstrip('_')}: they were not saved by one run"
+                )
+    parts = sorted((p for s in typed for p in s.parts), key=lambda p: (p.rank, p.worker))
+    ranks = tuple(sorted({r for s in typed for r in s.layout.ranks}))
+    turns = {k: v for s in typed if s.loader for k, v in s.loader.next_worker.items()}
+    loader = dataclasses.replace(first.loader, next_worker=turns) if first.loader else None
+    layout = dataclasses.replace(first.layout, ranks=ranks)
+    return to_plain(DataState(first.settings, layout, first.pass_, tuple(parts), loader))
+
+
+def schema() -> str:
+    """The plain form of a state, field by field with types (the README's schema)."""
+    head = f"format: {FORMAT!r}\nversion: {VERSION}\n"
+    return head + plain.describe(DataState) + "\ndigests: the same shape, 8 hex digits at each leaf"

@@ -9,6 +9,7 @@ import torch
 
 import lab2_helpers as L
 from conftest import real_tokens_in_order, real_tokens_sorted, row_tokens_sorted, unique_token_stream
+from streaming_lm import config as C
 from streaming_lm import state as S
 
 BLOCK = 16
@@ -32,19 +33,29 @@ def saved_after(stream, k, num_workers=2, **kwargs):
 def reseal(state):
     """`state` with its digests computed again: what a buggy writer or a forger would hand over, so
     that the checks of the content itself are tested too."""
-    return S.seal(state["settings"], state["layout"], state["pass"], state["parts"], state.get("loader"))
+    return S.seal(state)
 
 
 def part(state, worker=1):
     return next(p for p in state["parts"] if p["worker"] == worker)["sources"]["main"]
 
 
-def edit(field, value, worker=1):
+def edit(field, value, worker=1, **more):
     def apply(state):
-        part(state, worker)[field] = value
+        part(state, worker).update({field: value, **more})
         return state
 
     return apply
+
+
+def swap_workers(state):
+    """Workers 0 and 1 exchange their positions, each with its digests: what moving files between
+    folders of per-worker states would do."""
+    a, b = state["parts"]
+    a["sources"], b["sources"] = b["sources"], a["sources"]
+    da, db = state["digests"]["parts"]
+    da["sources"], db["sources"] = db["sources"], da["sources"]
+    return state
 
 
 # damage that keeps the digests as saved: refused by the digests or the envelope's shape
@@ -52,23 +63,46 @@ UNSEALED = [
     (
         "a position moved by one piece",
         edit("next", [0, 0, 0]),
-        r"part r0w1, field main\.next: it does not match its digest",
+        r"parts\[1\]\.sources\.main\.next: it does not match its digest",
     ),
-    ("blocks edited", edit("blocks", 1), r"part r0w1, field main\.blocks"),
+    ("blocks edited", edit("blocks", 1), r"parts\[1\]\.sources\.main\.blocks: it does not match"),
     (
         "a worker's state set to None",
         lambda s: {**s, "parts": [{**p, "sources": None} if p["worker"] == 1 else p for p in s["parts"]]},
-        r"part r0w1 has no sources",
+        r"parts\[1\]\.sources: it does not match",
     ),
-    ("ended set to a string", edit("ended", "yes"), r"ended must be True or False"),
-    ("a part left out", lambda s: {**s, "parts": s["parts"][:1]}, r"missing \[\(0, 1\)\]"),
-    ("a part twice", lambda s: {**s, "parts": s["parts"] + s["parts"][:1]}, r"twice \[\(0, 0\)\]"),
+    ("ended set to a string", edit("ended", "yes"), r"parts\[1\]\.sources\.main\.ended: it does not match"),
+    (
+        "a part left out",
+        lambda s: {**s, "parts": s["parts"][:1]},
+        r"parts: 1 entries, but it was saved with 2",
+    ),
+    (
+        "a part twice",
+        lambda s: {**s, "parts": s["parts"] + s["parts"][:1]},
+        r"parts: 3 entries, but it was saved with 2",
+    ),
     (
         "the settings edited",
         lambda s: {**s, "settings": {**s["settings"], "seed": 4}},
-        r"settings, layout or list of parts changed",
+        r"settings\.seed: it does not match",
     ),
-    ("next not a position", edit("next", "piece 3"), r"next must be \[piece, row, token\]"),
+    (
+        "a part's rank edited",
+        lambda s: {**s, "parts": [{**p, "rank": 1} for p in s["parts"]]},
+        r"parts\[0\]\.rank",
+    ),
+    (
+        "a part's worker deleted",
+        lambda s: {**s, "parts": [{k: v for k, v in p.items() if k != "worker"} for p in s["parts"]]},
+        r"parts\[0\]\.worker",
+    ),
+    (
+        "two workers swapped with their digests",
+        swap_workers,
+        r"parts\[0\]\.sources\.main\.\w+: it does not match",
+    ),
+    ("next not a position", edit("next", "piece 3"), r"parts\[1\]\.sources\.main\.next"),
     ("an empty state", lambda s: {}, r"got an empty dict.*does not mean 'start over'"),
     (
         "a model's state dict",
@@ -76,39 +110,53 @@ UNSEALED = [
         r"no 'format'.*\['bias', 'weight'\].*model's",
     ),
     (
-        "the unversioned format of last round",
+        "the unversioned format of an old round",
         lambda s: {"cursor": {}, "carry": [], "skip": 0},
-        r"unversioned format.*before version 2.*reads version 2",
+        r"unversioned format.*before version 2.*reads version 3",
     ),
-    ("a newer format version", lambda s: {**s, "version": 3}, r"format version 3; this code reads version 2"),
+    ("a newer format version", lambda s: {**s, "version": 4}, r"format version 4; this code reads version 3"),
     ("not a dict at all", lambda s: [s], r"not a streaming_lm checkpoint: got list"),
 ]
 
-# damage with the digests computed again: refused by the checks of the positions against the plan
+# damage with the digests computed again: refused by the checks of the content against the plan
 RESEALED = [
     (
         "a piece the stream does not have",
-        edit("next", [99, 0, 0]),
-        r"names piece 99, but the stream has 6 pieces",
+        edit("next", [99, 0, 0], window=None),
+        r"parts\[1\]\.sources\.main\.next: expected a piece below 6, got 99",
     ),
     (
         "a position outside its task",
         edit("next", [5, 0, 0], worker=0),
-        r"next=\[5, 0, 0\] is not in task \d+ of its plan",
+        r"parts\[0\]\.sources\.main\.next: expected a place in task \d+ of its plan",
     ),
-    ("a cursor past its plan", edit("cursor", 50), r"cursor=50, but its plan has \d+ tasks"),
+    (
+        "a cursor past its plan",
+        edit("cursor", 50),
+        r"cursor: expected at most the \d+ tasks of its plan, got 50",
+    ),
     (
         "a window that emitted more than it holds",
         lambda s: _window(s, 9),
-        r"window\.emitted=9 is outside 1\.\.shuffle_window=8",
+        r"window\.emitted: expected in 1\.\.shuffle_window=8, got 9",
     ),
-    ("an epoch outside the pass", edit("epoch", 5), r"epoch=5 is outside the pass \[0, 1\)"),
-    ("more tokens than blocks can hold", edit("tokens", 10**6), r"tokens=1000000 > blocks x block_size"),
+    ("an epoch outside the pass", edit("epoch", 5), r"epoch: expected in the pass \[0, 1\], got 5"),
+    (
+        "more tokens than blocks can hold",
+        edit("tokens", 10**6),
+        r"tokens: expected at most blocks x block_size",
+    ),
     (
         "a rank the layout does not have",
         lambda s: {**s, "layout": {**s["layout"], "ranks": [3]}},
-        r"layout\.ranks must list ranks below world_size",
+        r"layout\.ranks: expected distinct ranks below world_size=1",
     ),
+    (
+        "a field no save writes",
+        lambda s: {**s, "layout": {**s["layout"], "shards": 2}},
+        r"layout\.shards: not a field of Layout",
+    ),
+    ("a field left out", lambda s: _drop(s, "cursor"), r"parts\[1\]\.sources\.main\.cursor: missing"),
 ]
 
 
@@ -116,6 +164,11 @@ def _window(state, emitted):
     window = part(state)["window"]
     assert window is not None, "the test needs a state inside a shuffle window"
     window["emitted"] = emitted
+    return state
+
+
+def _drop(state, field):
+    del part(state)[field]
     return state
 
 
@@ -144,7 +197,7 @@ def test_a_row_past_the_end_of_its_piece_is_refused_before_reading(fast_tokenize
     state = first.state_dict()
     piece = state["parts"][0]["sources"]["main"]["next"][0]
     state["parts"][0]["sources"]["main"]["next"] = [piece, 10_000, 0]  # parquet metadata: ~90 rows
-    with pytest.raises(ValueError, match=rf"names row 10000 of piece {piece}, which has \d+ rows"):
+    with pytest.raises(ValueError, match=rf"next: expected a row of piece {piece} \(\d+ rows\), got 10000"):
         L.StreamingLMIterableDataset(tokens).load_state_dict(reseal(state))
 
 
@@ -278,3 +331,13 @@ def test_the_state_stays_small_after_an_elastic_resume(fast_tokenizer):
     assert any(p["sources"]["main"]["plans"] for p in state["parts"])  # the re-planned epoch is in it
     size = len(pickle.dumps(state))
     assert size < 100_000 * 3, f"{size:,} bytes"
+
+
+def test_the_readme_shows_the_schema_of_the_dataclasses():
+    """The README's schema block is what the dataclasses of state.py print: it cannot drift."""
+    readme = (C.ROOT / "README.md").read_text()
+    block = "\n".join(line.rstrip() for line in S.schema().splitlines())
+    start = readme.index("  format: 'streaming_lm.data_state'")
+    end = readme.index("  ```", start)
+    shown = "\n".join(line.removeprefix("  ").rstrip() for line in readme[start:end].splitlines())
+    assert shown == block, "README.md's schema differs from state.schema(): paste the new one in"

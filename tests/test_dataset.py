@@ -236,7 +236,7 @@ def test_state_from_another_source_is_refused(tokenizer):
     stream, _ = unique_token_stream()
     dataset = L.StreamingLMIterableDataset(stream, BLOCK)
     other = L.StreamingLMIterableDataset(L.tokenize_stream(L.load_text_stream("local"), tokenizer), BLOCK)
-    with pytest.raises(ValueError, match=r"settings\.sources\.main\.identity\.source"):
+    with pytest.raises(ValueError, match=r"settings\.sources\.main\.identity\.name"):
         other.load_state_dict(dataset.state_dict())
 
 

@@ -462,7 +462,9 @@ FOUND = [
     Shape((jsonl((0,)),), edit=2),
     Shape((jsonl((0,)),), edit=19),
     # endless and shuffled: a part with a tiny file this epoch and a big one later refused at start
-    Shape((Source("txt", ((30,) * 12, (1,))),), shuffle=True, seed=3, epochs=None, workers=2, resume_workers=2),
+    Shape(
+        (Source("txt", ((30,) * 12, (1,))),), shuffle=True, seed=3, epochs=None, workers=2, resume_workers=2
+    ),
     # a mixture over two passes: the small source's epoch 1 read again in pass 1
     Shape((jsonl((3, 3)), jsonl((9,) * 12)), weights=(0.8, 0.2), block_size=4, passes=2, save="end"),
     # While building the typed state: a finished pass resumed on a new layout without its epoch

@@ -17,7 +17,6 @@ import pytest
 import lab2_helpers as L
 from conftest import real_tokens_sorted, unique_token_stream
 from streaming_lm import config as C
-from streaming_lm import source
 
 EOS = L.EOS_TOKEN_ID
 
@@ -157,12 +156,31 @@ def test_checkpoint_refuses_swapped_or_edited_files_and_other_tokenizing(tmp_pat
         with pytest.raises(ValueError, match=re.escape(field)):
             dataset_on(files, fast_tokenizer, **change).load_state_dict(state)
     swapped = write_corpus(tmp_path / "other", text="other words")  # 4th file from another corpus
-    with pytest.raises(ValueError, match=re.escape("sources.main.identity.source.files")):
+    with pytest.raises(ValueError, match=re.escape("sources.main.identity.files")):
         dataset_on(files[:3] + swapped[3:], fast_tokenizer).load_state_dict(state)
     time.sleep(0.01)
     Path(files[3]).write_bytes(Path(files[3]).read_bytes())  # touched: same bytes, new mtime
-    with pytest.raises(ValueError, match=re.escape("sources.main.identity.source.files")):
+    with pytest.raises(ValueError, match=re.escape("sources.main.identity.files")):
         dataset_on(files, fast_tokenizer).load_state_dict(state)
+
+
+def test_a_reused_stream_whose_file_was_rewritten_refuses_the_checkpoint_like_a_fresh_one(
+    tmp_path, fast_tokenizer
+):
+    """The issue's case: a row inserted at the top of the file behind a TokenStream already made."""
+    path = tmp_path / "docs.jsonl"
+    rows = [{"text": f"document {i} has a few words"} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokens = L.tokenize_stream(L.load_text_stream(data_files=str(path)), fast_tokenizer)
+    first = L.StreamingLMIterableDataset(tokens, 16)
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    time.sleep(0.01)
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "a new first row"}, *rows]))
+    for dataset in (first, L.StreamingLMIterableDataset(tokens, 16)):  # the same stream object, reused
+        with pytest.raises(ValueError, match=re.escape("sources.main.identity.files")):
+            dataset.load_state_dict(state)
 
 
 # 5. a hang ------------------------------------------------------------------------------------------
@@ -218,7 +236,7 @@ def test_auto_says_why_it_fell_back_and_hub_fails_loudly(monkeypatch, caplog):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match="cannot be reached"):
-        source.load_text_stream("hub")
+        L.load_text_stream("hub")
     assert time.perf_counter() - start < C.HUB_PROBE_SECONDS + 1
 
 

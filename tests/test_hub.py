@@ -200,7 +200,7 @@ def test_a_checkpoint_of_a_hub_source_is_refused_after_the_repository_changed(hu
     second = hub("--data", str(folder))
     result = run_checks(second.url, "resume", tmp_path, str(state))
     assert result["revision"] != saved["revision"]
-    assert "identity.source.revision" in result["refused"]
+    assert "identity.revision" in result["refused"]
     assert saved["revision"] in result["refused"] and result["revision"] in result["refused"]
 
 

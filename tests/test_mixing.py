@@ -9,7 +9,7 @@ import torch
 
 import lab2_helpers as L
 from conftest import real_tokens_in_order
-from streaming_lm.reading import PartReader
+from streaming_lm.reading import SourceReader
 
 BLOCK = 16
 VOCAB = 400_000  # source "b" holds ids from 200,000 on: a token tells its source
@@ -102,7 +102,7 @@ def test_the_one_take_per_source_path_gives_the_blocks_of_the_run_by_run_path(sh
 
     fast = batches()
     with monkeypatch.context() as patch:
-        patch.setattr(PartReader, "ready", lambda self, n: False)  # never cut ahead: run by run
+        patch.setattr(SourceReader, "ready", lambda self, n: False)  # never cut ahead: run by run
         slow = batches()
     assert len(fast) == len(slow) > 20
     assert all(torch.equal(a[k], b[k]) for a, b in zip(fast, slow) for k in a)
@@ -157,7 +157,7 @@ def test_progress_and_checkpoint_checks_are_per_source():
     other = L.mix_streams({"a": (A, 0.7), "b": (source(100, 200_000, num_shards=4)[0], 0.3)}, seed=5)
     with pytest.raises(ValueError, match=r"settings\.sources\.b"):
         L.make_dataloader(dataset(other), batch_size=4).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"settings\.mixture\.weights"):
+    with pytest.raises(ValueError, match=r"settings\.sources\.a\.weight"):
         L.make_dataloader(dataset(mixture(weights=(0.5, 0.5))), batch_size=4).load_state_dict(state)
 
 

@@ -75,7 +75,7 @@ def test_bundled_sample_parts_start_at_an_article(tokenizer):
     tokens = L.tokenize_stream(L.load_text_stream("local"), tokenizer)
     for rank in range(3):
         dataset = L.StreamingLMIterableDataset(tokens, pad_last=True, rank=rank, world_size=3)
-        assert all(t.step == 1 for t in dataset.layout("main", 2).plan(0, rank, 0))  # whole pieces
+        assert all(t.step == 1 for t in dataset.dealing("main", 2).plan(0, rank, 0))  # whole pieces
         loader = iter(L.make_dataloader(dataset, batch_size=1, num_workers=2))
         first_of_each_worker = [next(loader)["input_ids"][0, 0] for _ in range(2)]  # workers take turns
         assert first_of_each_worker == [L.EOS_TOKEN_ID] * 2

@@ -12,7 +12,7 @@ import pytest
 
 import lab2_helpers as L
 from streaming_lm import config as C
-from streaming_lm import source
+from streaming_lm import hub
 
 
 def test_bundled_sample_has_the_wikitext_row_layout(sample_rows):
@@ -115,10 +115,10 @@ def test_bad_source_and_split_are_refused():
 
 def test_offline_environment_chooses_local_without_probing(monkeypatch):
     monkeypatch.setattr(
-        source.urllib.request, "urlopen", lambda *a, **k: pytest.fail("probed the Hub while offline")
+        hub.urllib.request, "urlopen", lambda *a, **k: pytest.fail("probed the Hub while offline")
     )
-    assert source.hub_is_reachable() is False
-    assert source.choose_source("auto") == ("local", "auto fell back: HF_HUB_OFFLINE is set")
+    assert hub.hub_is_reachable() is False
+    assert hub.choose_source("auto") == ("local", "auto fell back: HF_HUB_OFFLINE is set")
     assert L.load_text_stream("auto").info.description.startswith("local:")
 
 
@@ -145,7 +145,7 @@ def test_hub_probe_asks_the_configured_endpoint(monkeypatch, status, reachable):
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     try:
-        assert source.hub_is_reachable(timeout=5) is reachable
+        assert hub.hub_is_reachable(timeout=5) is reachable
     finally:
         server.shutdown()
 
@@ -156,4 +156,4 @@ def test_hub_probe_is_false_when_nothing_listens(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
-    assert source.hub_is_reachable(timeout=2) is False
+    assert hub.hub_is_reachable(timeout=2) is False

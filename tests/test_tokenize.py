@@ -171,7 +171,8 @@ def test_long_rows_cut_for_threads_give_exactly_the_ids_of_the_whole_row(
 ):
     """Rows longer than LONG_ROW_CHARS are cut where GPT-2's pre-tokenizer starts a piece anyway and
     encoded in parallel: the ids equal the whole row's, on the whole book and on tricky text."""
-    from streaming_lm.tokenize import cut_long, make_encoder
+    from streaming_lm.documents import cut_long
+    from streaming_lm.encoders import make_encoder
 
     book = "".join(sample_rows)
     tricky = "".join(TRICKY).replace("<|endoftext|>", "") * 300

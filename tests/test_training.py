@@ -226,3 +226,35 @@ def test_torchrun_resumes_on_another_number_of_processes_exactly_once(tmp_path):
     assert not tokens - corpus, "a token was read twice"
     lost = sum((corpus - tokens).values())
     assert lost <= held_back(out) + 5 * 32  # held back by the lockstep (counted), and 5 parts' tails at most
+
+
+@pytest.mark.slow
+def test_one_jsonl_file_with_two_workers_shuffled_is_killed_and_resumes_exactly_once(tmp_path):
+    """The first thing a user with one JSONL file meets on a GPU (2 workers share its one piece,
+    shuffled): a run killed after its second checkpoint resumes and reads the epoch exactly once."""
+    data = tmp_path / "mine.jsonl"
+    words = ["whale", "ship", "harpoon", "sea", "captain", "sailor", "voyage", "storm"]
+    data.write_text(
+        "".join(
+            json.dumps({"text": " ".join(words[(i + k) % 8] for k in range(6 + i % 20))}) + "\n"
+            for i in range(80)
+        )
+    )
+    args = ["--data-files", str(data), "--num-workers", "2", "--epochs", "1", "--trace-tokens"]
+    args += ["--block-size", "32", "--batch-size", "2", "--backend", "tiktoken", "--checkpoint-every", "4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([*TRAIN, "--steps", "100000", "--out", str(tmp_path / "run"), *args], env=env)
+    wait_for_checkpoint_step(tmp_path / "run", 8, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert saved["step"] >= 8 and saved["loader"]["layout"]["num_workers"] == 2
+    cmd = [*TRAIN, "--steps", "100000", "--out", str(tmp_path / "run"), "--resume", *args]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
+    assert "the data ran out" in run.stdout
+    tokens, steps = traced(tmp_path / "run")
+    stream = L.tokenize_stream(L.load_text_stream(data_files=str(data)), L.load_tokenizer(backend="tiktoken"))
+    corpus = collections.Counter(int(t) for row in stream for t in row["input_ids"])
+    assert not tokens - corpus, "a token was read twice"
+    assert steps["tokens-rank0.jsonl"] == list(range(1, len(steps["tokens-rank0.jsonl"]) + 1))
+    assert sum((corpus - tokens).values()) < 2 * 32  # the 2 parts' tails at most
