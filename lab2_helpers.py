@@ -18,6 +18,7 @@ the naive wrapper) are streaming_lm/baselines.py.
 """
 
 from streaming_lm.baselines import NaiveDataset, seed_style_loader
+from streaming_lm.cache import cache_size
 from streaming_lm.collate import collate_fn
 from streaming_lm.config import BATCH_SIZE, BLOCK_SIZE, DATASET_CONFIG, DATASET_NAME, EOS_TOKEN_ID
 from streaming_lm.dataset import StreamingLMIterableDataset, progress_by_part
@@ -49,6 +50,7 @@ __all__ = [
     "StreamingLMIterableDataset",
     "TINY",
     "WARMUP_STEPS",
+    "cache_size",
     "collate_fn",
     "evaluate",
     "gather_states",

@@ -43,6 +43,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cache import cache_lines, measure_cache, measure_cached_memory, peak_rss_cached  # noqa: E402
+
 import lab2_helpers as L  # noqa: E402
 from streaming_lm import config as C  # noqa: E402
 from streaming_lm.baselines import seed_style_loader  # noqa: E402
@@ -566,10 +569,13 @@ def main() -> None:
         "--out", type=Path, default=ROOT / "docs", help="folder for benchmark.md and benchmark.png"
     )
     parser.add_argument("--rss-run", type=int, metavar="EPOCHS", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-cached", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_run:
         return peak_rss_run(args.files, args.rss_run)
+    if args.rss_cached:
+        return peak_rss_cached(args.files, memory_kib)
     quiet_repeated_warnings()
     with tempfile.TemporaryDirectory() as folder:
         corpora = write_corpora(Path(folder))
@@ -578,8 +584,12 @@ def main() -> None:
         files = measure_files(Path(folder), args.repeats)
         mixture = measure_mixture(corpora, args.repeats)
         memory = measure_memory(corpora)
+        cached = measure_cache(corpora, Path(folder), args.repeats, best_of, WORKER_EPOCHS)
+        one_copy = corpora["wikitext rows"][: len(corpora["wikitext rows"]) // COPIES]
+        cached_memory = measure_cached_memory(one_copy, Path(folder), __file__)
     args.out.mkdir(exist_ok=True)
     text = report(speeds, workers, files, mixture, memory, args.repeats)
+    text += "\n## Token cache (cache.py)\n\n" + "\n".join(cache_lines(cached, cached_memory)) + "\n"
     (args.out / "benchmark.md").write_text(text)
     chart(speeds, args.out / "benchmark.png")
     print(text)

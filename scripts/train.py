@@ -17,6 +17,10 @@ continues from the checkpoint and appends to the same log: lines after its step 
 run) are dropped first, and so is a partial last line a crash left (said once); a damaged
 checkpoint file is named in one line.
 
+Token cache (--token-cache DIR, on by default: ~/.cache/streaming_lm/tokens, or $STREAMING_LM_CACHE
+/tokens): each piece is tokenized once, and later epochs, resumes and runs read its tokens from DIR
+(streaming_lm/cache.py); the last line gives its size. --no-token-cache tokenizes every epoch.
+
 Loader settings: on CPU the pipeline runs in the training process (num_workers 0: on 2 cores a
 worker costs more than it saves); on CUDA it uses min(8, cores // 2) workers, so tokenizing never
 stalls the GPU. The summary line gives tokens/s and the share of step time spent waiting for data.
@@ -43,7 +47,8 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lab2_helpers as L  # noqa: E402
 from streaming_lm import training  # noqa: E402
-from streaming_lm.config import SHUFFLE_WINDOW_BLOCKS  # noqa: E402
+from streaming_lm.cache import cache_size  # noqa: E402
+from streaming_lm.config import SHUFFLE_WINDOW_BLOCKS, TOKEN_CACHE_DIR  # noqa: E402
 
 MODELS = {"tiny": training.TINY, "gpt2-small": training.GPT2_SMALL}
 CHECKPOINT = "checkpoint.pt"
@@ -84,6 +89,14 @@ def parse_args(argv=None):
         help=f"blocks shuffled together per part (default {SHUFFLE_WINDOW_BLOCKS}); memory: BLOCKS x "
         "block size x 8 bytes; smaller windows let an elastic resume share a part's rest among more ranks",
     )
+    parser.add_argument(
+        "--token-cache",
+        type=Path,
+        default=Path(TOKEN_CACHE_DIR),
+        metavar="DIR",
+        help=f"keep each piece's tokens in DIR; later epochs and runs read them (default {TOKEN_CACHE_DIR})",
+    )
+    parser.add_argument("--no-token-cache", action="store_true", help="tokenize the text every epoch")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--lr", type=float, default=training.LEARNING_RATE)
@@ -118,7 +131,8 @@ def make_loader(args, world_size):
     """The pipeline: text -> tokens -> shuffled blocks (endless, or --epochs) -> batches."""
     files = args.data_files
     stream = L.load_text_stream("local", data_files=files) if files else L.load_text_stream("local")
-    tokens = L.tokenize_stream(stream, L.load_tokenizer(backend=args.backend))
+    cache = None if args.no_token_cache else args.token_cache
+    tokens = L.tokenize_stream(stream, L.load_tokenizer(backend=args.backend), cache_dir=cache)
     dataset = L.StreamingLMIterableDataset(
         tokens,
         args.block_size,
@@ -322,6 +336,12 @@ def summarize(args, loader, start, totals, rank):
         print(
             f"done: {totals['tokens'] / totals['time']:,.0f} tokens/s, data wait "
             f"{100 * totals['wait'] / totals['time']:.1f} % of step time"
+        )
+    if rank == 0 and not args.no_token_cache:
+        size = cache_size(args.token_cache)
+        print(
+            f"token cache {args.token_cache}: {size['entries']} pieces, {size['tokens']:,} tokens, "
+            f"{size['bytes'] / 2**20:,.1f} MiB ({size['bytes_per_token']:.2f} bytes a token)"
         )
 
 

@@ -1,5 +1,6 @@
 """Constants of the pipeline, in one place, with their units."""
 
+import os
 from pathlib import Path
 
 BLOCK_SIZE = 256  # tokens per training example
@@ -31,7 +32,10 @@ LAYOUT_PEEK_ROWS = 50  # rows of a stream's first piece read to decide its docum
 SHUFFLE_WINDOW_BLOCKS = 256  # blocks shuffled together per part (256 x 256 tokens x 8 bytes = 0.5 MiB)
 TRANSFER_BATCHES = 8  # batches a DataLoader worker ships per transfer (one numpy array, ~0.3 ms)
 PREFETCH_TRANSFERS = 2  # transfers queued per DataLoader worker (torch's default prefetch_factor)
+CACHE_RECENT_BYTES = 64 << 20  # bytes of token cache entries a process keeps open (small pieces, many epochs)
+CACHE_CHUNK_TOKENS = 1 << 20  # tokens read from a token cache entry at a time (2 MiB of uint16, 8 MiB packed)
 MIX_STRATUM_BLOCKS = 100  # a mixture draws its sources in strata of 100 blocks: shares exact per stratum
+MIX_STRATA_DRAWN = 64  # strata drawn at once, from one generator (6,400 blocks)
 # epochs in a row without a block, per piece, after which an endless shuffled part is given up (the
 # chance that a piece with a block never came to it by then is below e^-20)
 EMPTY_EPOCHS_PER_PIECE = 20
@@ -46,6 +50,8 @@ HUB_READ_DEADLINE_SECONDS = 45.0
 HUB_READ_RETRY_SECONDS = 2.0  # seconds between two such retries
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
+# scripts/train.py's token cache (cache.py): $STREAMING_LM_CACHE/tokens, else ~/.cache/streaming_lm/tokens
+TOKEN_CACHE_DIR = os.path.join(os.environ.get("STREAMING_LM_CACHE", "~/.cache/streaming_lm"), "tokens")
 DATA_DIR = ROOT / "data"
 TOKENIZER_DIR = DATA_DIR / "gpt2_tokenizer"  # vocab.json + merges.txt, byte-identical to the Hub's gpt2
 SAMPLE_DIR = DATA_DIR / "wikitext_sample"  # Moby-Dick laid out like the Hub's Salesforce/wikitext

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import datasets
 import torch
 
 from .checks import check_positive_int, is_int
@@ -38,7 +39,8 @@ from .state import (
     from_plain,
     to_plain,
 )
-from .token_rows import as_token_source
+from .token_rows import DatasetRows, IterableRows
+from .tokenize import TokenStream
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()  # messages logged once per process
@@ -99,6 +101,15 @@ def warn_shared(dealing: Dealing, name: str) -> None:
             "share pieces and keep every k-th row, so each tokenizes text it does not keep. Fix: more "
             "files, or parquet files with row groups (each row group is a piece)"
         )
+
+
+def as_token_source(stream: Any) -> Any:
+    """The token source for a TokenStream, a datasets stream of token rows, or any re-iterable of rows."""
+    if isinstance(stream, TokenStream):
+        return stream
+    if isinstance(stream, datasets.IterableDataset):
+        return DatasetRows(stream)
+    return IterableRows(stream)
 
 
 class StreamingLMIterableDataset(torch.utils.data.IterableDataset):

@@ -10,6 +10,7 @@ its own, as text); HF's tokenizer encodes with its Rust `encode_batch_fast`, che
 call on a prefix of the first batch. In-process the encoding runs in threads while the caller packs.
 """
 
+import hashlib
 import itertools
 import logging
 import os
@@ -213,6 +214,15 @@ def tokenizer_identity(tokenizer: Any) -> str:
         name = "gpt2 (bundled files)"
     size = getattr(tokenizer, "vocab_size", None)
     return f"{name}, vocab {size}"
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """What a token cache entry records of the tokenizer: `tokenizer_identity`, and a digest of its
+    whole definition where it has one (a fast HF tokenizer other than the bundled GPT-2 files)."""
+    name, backend = tokenizer_identity(tokenizer), getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or name.startswith("gpt2 (bundled files)"):
+        return name
+    return f"{name} #{hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]}"
 
 
 def gpt2_pretokenizer(tokenizer: Any) -> bool:

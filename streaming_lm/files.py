@@ -115,9 +115,15 @@ def parquet_pieces(files: Sequence[str]) -> tuple[tuple[str, int], ...]:
     return tuple((str(f), i) for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups))
 
 
+def parquet_file(path: str) -> Any:
+    """An open ParquetFile, one per file, process and version of the file (a forked worker opens
+    its own; a file rewritten since is opened again)."""
+    stat = os.stat(path)
+    return _parquet_file(path, os.getpid(), stat.st_mtime_ns, stat.st_size)
+
+
 @functools.lru_cache(maxsize=256)
-def _parquet_file(path: str, pid: int) -> Any:
-    """An open ParquetFile, one per file and process (a forked worker opens its own)."""
+def _parquet_file(path: str, pid: int, mtime_ns: int, size: int) -> Any:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path)
@@ -239,7 +245,7 @@ def first_bad_piece(source: "SourceInfo") -> int:
         if group < 0:
             return 0
         try:
-            _parquet_file(path, os.getpid()).read_row_group(group, columns=[source.identity["text_column"]])
+            parquet_file(path).read_row_group(group, columns=[source.identity["text_column"]])
         except LOCAL_READ_ERRORS:
             return piece
     return 0

@@ -133,17 +133,28 @@ class Batches:
 
 
 class Direct:
-    """One pass read in this process (num_workers=0): batches straight from the part's reader,
-    without shipments or torch's per-item machinery; its part is the reader's, taken when asked."""
+    """One pass read in this process (num_workers=0): `per_transfer` batches at a time straight from
+    the part's reader, collated at once, without torch's per-item machinery. Its state is the
+    reader's; asked between two batches of a chunk, it is found by reading the chunk again from
+    the part it began at (`reopen(part)`: a few batches), so that it stays exact."""
 
-    def __init__(self, reader: PassReader, shipping: Shipping, pin: bool) -> None:
-        self.reader, self.shipping, self.pin = reader, shipping, pin
+    def __init__(self, reader: PassReader, shipping: Shipping, pin: bool, reopen: Callable) -> None:
+        self.reader, self.shipping, self.pin, self.reopen = reader, shipping, pin, reopen
+        self.chunk: collections.deque = collections.deque()  # batches taken, not yet yielded
+        self.start: Part | None = None  # the part before the chunk
+        self.out = 0  # batches of the chunk yielded
         self.held = [0, 0]
-        self.finished = False
+        self.last = False  # the pass ended in the chunk taken
+        self.finished = False  # StopIteration: the pass was read to its end
 
     @property
     def states(self) -> list[Part]:
-        return [self.reader.part()]
+        if not self.chunk:
+            return [self.reader.part()]
+        again = self.reopen(self.start)
+        for _ in range(self.out):
+            self.shipping.batch(again)
+        return [again.part()]
 
     def next_worker(self) -> int:
         return 0
@@ -152,15 +163,37 @@ class Direct:
         return self
 
     def __next__(self) -> Any:
-        shipping = self.shipping
-        ids, mask = (None, None) if self.finished else shipping.batch(self.reader)
-        if ids is None or (len(ids) < shipping.batch_size and shipping.drop_last):
-            self.held = [0, 0] if ids is None else [1, int(mask.sum())]
+        if not self.chunk and not self.last:
+            self._fill()
+        if not self.chunk:
             self.finished = True
             raise StopIteration
+        self.out += 1
+        return self.chunk.popleft()
+
+    def _fill(self) -> None:
+        """Take the next chunk: up to per_transfer batches, the full ones collated at once."""
+        shipping, size = self.shipping, self.shipping.batch_size
+        self.start, self.out = self.reader.part(), 0
+        ids, mask = shipping.batch(self.reader, shipping.per_transfer * size)
+        if ids is None:
+            self.last = True
+            return
+        self.last = len(ids) < shipping.per_transfer * size
+        full, position_ids = len(ids) // size * size, shipping.position_ids
+        if shipping.drop_last and len(ids) > full:
+            self.held, ids, mask = [1, int(mask[full:].sum())], ids[:full], mask[:full]
         if shipping.collate is not None:
-            return shipping.users(ids, mask)
-        return as_batch(collate_arrays(ids, mask, shipping.position_ids), self.pin)
+            self.chunk.extend(
+                shipping.users(ids[a : a + size], mask[a : a + size]) for a in range(0, len(ids), size)
+            )
+            return
+        if full:  # (k * B, T) -> (k, B, T) -> (k, F, B, T)
+            shape = (full // size, size, -1)
+            batches = collate_arrays(ids[:full].reshape(shape), mask[:full].reshape(shape), position_ids, 1)
+            self.chunk.extend(as_batch(batch, self.pin) for batch in batches)
+        if len(ids) > full:
+            self.chunk.append(as_batch(collate_arrays(ids[full:], mask[full:], position_ids), self.pin))
 
 
 class StreamingLoader(torch.utils.data.DataLoader):
@@ -218,7 +251,9 @@ class StreamingLoader(torch.utils.data.DataLoader):
         same = resume is not None and resume.loader and resume.layout.num_workers == workers
         turn = resume.loader.next_worker.get(str(dataset.rank), 0) if same else 0
         if self.num_workers == 0:  # in this process: the part read directly, its state taken when asked
-            self._batches = Direct(dataset.open(*starts[0], 1), self.shipping, self._pin)
+            part, pass_ = starts[0]
+            reopen = functools.partial(dataset.open, pass_=pass_, num_workers=1)
+            self._batches = Direct(dataset.open(part, pass_, 1), self.shipping, self._pin, reopen)
         else:
             with forking_workers():
                 shipments = super().__iter__()

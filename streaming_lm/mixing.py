@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .checks import check_choice, is_int
-from .config import EMPTY_EPOCHS_PER_PIECE, MIX_STRATUM_BLOCKS
+from .config import EMPTY_EPOCHS_PER_PIECE, MIX_STRATA_DRAWN, MIX_STRATUM_BLOCKS
 from .reading import Blocks, SourceReader, ones
 from .state import Draws, Part, Pass
 
@@ -89,17 +89,27 @@ def _weight(name: str, weight: Any) -> float:
     return value
 
 
-def stratum(weights: np.ndarray, key: list[int], index: int, size: int = MIX_STRATUM_BLOCKS) -> np.ndarray:
-    """(size,) source indices of stratum `index`: every source's floor(weight x size) draws, the rest
-    given in proportion to the fractions left, in an order drawn from (key, index)."""
-    rng = np.random.default_rng([*key, index])
+def strata(weights: np.ndarray, key: list[int], group: int, size: int = MIX_STRATUM_BLOCKS) -> np.ndarray:
+    """(MIX_STRATA_DRAWN, size) source indices of the strata of `group`: in each, every source's
+    floor(weight x size) draws and the rest given in proportion to the fractions left (weighted,
+    without replacement: Gumbel top-k), in an order drawn from (key, group)."""
+    rng, count = np.random.default_rng([*key, group]), MIX_STRATA_DRAWN
     quota = weights * size
-    counts = np.floor(quota).astype(np.int64)
-    left = size - int(counts.sum())
+    base = np.floor(quota).astype(np.int64)
+    counts = np.tile(base, (count, 1))  # (G, S)
+    left = size - int(base.sum())
     if left:
-        fractions = quota - counts
-        counts[rng.choice(len(weights), size=left, replace=False, p=fractions / fractions.sum())] += 1
-    return rng.permutation(np.repeat(np.arange(len(weights)), counts))
+        with np.errstate(divide="ignore"):  # a source with nothing left over is never picked
+            scores = np.log(quota - base) - np.log(-np.log(rng.random(counts.shape)))
+        np.add.at(counts, (np.arange(count)[:, None], np.argsort(-scores, axis=1)[:, :left]), 1)
+    ends = np.cumsum(counts, axis=1)  # (G, S)
+    rows = (np.arange(size)[None, :, None] >= ends[:, None, :]).sum(axis=2)  # (G, size): sorted by source
+    return rng.permuted(rows, axis=1)
+
+
+def stratum(weights: np.ndarray, key: list[int], index: int, size: int = MIX_STRATUM_BLOCKS) -> np.ndarray:
+    """(size,) source indices of stratum `index` (see `strata`)."""
+    return strata(weights, key, index // MIX_STRATA_DRAWN, size)[index % MIX_STRATA_DRAWN]
 
 
 class PassReader:
@@ -113,7 +123,7 @@ class PassReader:
         first = next(iter(readers.values()))
         self.rank, self.worker, self.block_size = first.rank, first.worker, first.settings.block_size
         self.key = [mixture.seed, self.generation, self.rank, self.worker]
-        self._stratum: tuple[int, np.ndarray] | None = None
+        self._strata: tuple[int, np.ndarray] | None = None  # a group of strata drawn
 
     @property
     def ended(self) -> bool:
@@ -156,13 +166,12 @@ class PassReader:
 
     def _draws(self, n: int) -> np.ndarray:
         """The sources of the next n blocks."""
-        out, at = [], self.chosen
+        out, at, per = [], self.chosen, MIX_STRATUM_BLOCKS * MIX_STRATA_DRAWN
         while (have := sum(map(len, out))) < n:
-            index = at // MIX_STRATUM_BLOCKS
-            if self._stratum is None or self._stratum[0] != index:
-                self._stratum = (index, stratum(self.weights, self.key, index))
-            offset = at - index * MIX_STRATUM_BLOCKS
-            out.append(self._stratum[1][offset : offset + n - have])
+            group = at // per
+            if self._strata is None or self._strata[0] != group:
+                self._strata = (group, strata(self.weights, self.key, group).reshape(-1))
+            out.append(self._strata[1][at - group * per : at - group * per + n - have])
             at += len(out[-1])
         return np.concatenate(out)
 

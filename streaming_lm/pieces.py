@@ -19,7 +19,7 @@ import pyarrow
 from .config import (
     TEXT_COLUMN,
 )
-from .files import _local_error, _parquet_file, text_file_rows
+from .files import _local_error, parquet_file, text_file_rows
 from .hub import _hub_errors, _wait_for_hub, one_datasets_try
 from .source import SourceInfo
 
@@ -128,7 +128,7 @@ def local_batches(source: SourceInfo, piece: int, batch_rows: int) -> tuple[Iter
     path, group = source.local[piece]
     column = source.identity.get("text_column", TEXT_COLUMN)
     if source.builder == "parquet":
-        batches = _parquet_file(path, os.getpid()).iter_batches(
+        batches = parquet_file(path).iter_batches(
             batch_size=batch_rows, row_groups=[group], columns=[column], use_threads=False
         )
         return (_utf8_checked(b.rename_columns([TEXT_COLUMN])) for b in batches), True

@@ -21,7 +21,7 @@ import numpy as np
 from .packing import RollingBuffer, out_of_vocabulary, warn_dropped, warn_empty
 from .parts import Dealing, fresh_state, tasks_of
 from .state import Counts, Position, Settings, SourceState, Task, Window
-from .tokenize import TokenBatch
+from .token_rows import TokenBatch
 
 
 class TokenSource(Protocol):
@@ -126,13 +126,24 @@ class Tape:
         """Blocks cut and not yet taken: `take(k)` for k up to this reads nothing."""
         return len(self._ready) - self._next
 
+    def fill(self, n: int) -> int:
+        """Cut blocks ahead until `n` are ready or the tasks are read (a mixture takes each source's
+        share of a batch at once then); returns the blocks ready. Positions and counts stay as they are."""
+        if self.ready >= n:
+            return self.ready
+        ready = [self._ready[self._next :]]
+        while sum(map(len, ready)) < n and (record := next(self._batches, None)) is not None:
+            ready.append(self._push(record))
+        self._ready, self._next = np.concatenate(ready), 0
+        return len(self._ready)
+
     def take(self, n: int) -> np.ndarray | None:
         """Up to `n` next whole blocks, (m, T) views; None when the tasks are read to the end."""
         while self._next >= len(self._ready):
             record = next(self._batches, None)
             if record is None:
                 return None
-            self._push(record)
+            self._ready, self._next = self._push(record), 0
         blocks = self._ready[self._next : self._next + n]
         self._next += len(blocks)
         self.taken += blocks.size
@@ -140,7 +151,8 @@ class Tape:
             self._records.popleft()  # keep positions from the first block just taken on
         return blocks
 
-    def _push(self, record: Record) -> None:
+    def _push(self, record: Record) -> np.ndarray:
+        """Push a record's tokens (ids checked, rows without text counted): the blocks now complete."""
         batch, vocab = record.batch, self.packer.vocab_size
         if out_of_vocabulary(batch.ids, vocab):
             bad = int(np.flatnonzero((batch.ids < 0) | (batch.ids >= vocab))[0])
@@ -155,7 +167,7 @@ class Tape:
             self.empty_rows += int(batch.empty.sum())
         self.rows += batch.rows
         self._records.append(record)
-        self._ready, self._next = self.packer.push(batch.ids), 0
+        return self.packer.push(batch.ids)
 
     def finish(self) -> Blocks | None:
         """The tail after the last whole block: one padded (1, T) block with its mask, or None
@@ -261,7 +273,7 @@ class SourceReader:
             return False
         if self.settings.shuffle:
             return self.drawn is not None and len(self.drawn.ids) - self.window.emitted >= n
-        return not self.done and self.tape.ready >= n
+        return not self.done and self.tape.fill(n) >= n
 
     def take(self, n: int) -> Blocks | None:
         """Up to `n` blocks of this epoch: ((m, T) ids, (m, T) mask) int64; None at its end."""

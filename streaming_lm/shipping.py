@@ -4,6 +4,7 @@ shared-memory tensor, ~0.3 ms for a pickled numpy array), so it ships TRANSFER_B
 one (k, F, B, T) numpy array, collated at once, with its part's state after each batch (a few ints).
 """
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,12 +48,10 @@ class Shipping:
     position_ids: bool = False
     drop_last: bool = False
 
-    def batch(self, reader: PassReader) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Up to batch_size blocks as ((m, T) ids, (m, T) mask), m < batch_size only at the pass's end."""
-        got = []
-        while (have := sum(len(g[0]) for g in got)) < self.batch_size and (
-            out := reader.take(self.batch_size - have)
-        ):
+    def batch(self, reader: PassReader, n: int = 0) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Up to n (default batch_size) blocks as ((m, T) ids, (m, T) mask), m < n only at the pass's end."""
+        got, n = [], n or self.batch_size
+        while (have := sum(len(g[0]) for g in got)) < n and (out := reader.take(n - have)):
             got.append(out)
         if len(got) < 2:
             return got[0] if got else (None, None)
@@ -110,4 +109,4 @@ class Shipper(torch.utils.data.IterableDataset):
         reader, pass_ = self.open(worker, num_workers)
         self.resume = None  # a persistent worker's next pass starts from where this one ends
         yield from self.shipping.ship(reader, worker)
-        self.carry[worker] = (reader.part(), pass_)
+        self.carry[worker] = (reader.part(), dataclasses.replace(pass_, over=pass_.end is not None))

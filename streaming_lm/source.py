@@ -179,7 +179,13 @@ def load_hub_stream(
     names, weights, rows = hub_pieces(repo, config, split, commit)
     info = SourceInfo(
         description=f"hub: {repo} {config or ''} ({split}){pinned}".replace("  ", " "),
-        identity={"hub": repo, "config": str(config), "split": split, "revision": commit},
+        identity={
+            "hub": repo,
+            "config": str(config),
+            "split": split,
+            "revision": commit,
+            "text_column": text_column,
+        },
         layout="wikitext" if is_wikitext(repo, config) else None,
         piece_names=names,
         piece_weights=weights,

@@ -15,10 +15,49 @@ from .encoders import flatten
 from .packing import as_id_array, token_ids
 from .pieces import Pieces
 from .state import Task
-from .tokenize import TokenBatch, TokenStream
+
+
+@dataclass(frozen=True, eq=False)
+class TokenBatch:
+    """Consecutive rows of one piece as one flat array: row k is ids[starts[k]:starts[k + 1]].
+
+    ids: (N,) integer ids, each document's EOS included. starts: (n + 1,) int64 offsets.
+    piece, first_row, step: row k is row first_row + k * step of piece `piece`.
+    first_token: where row 0 starts within its row (a batch read from inside a row).
+    blank: (n,) bool, rows that are layout only (WikiText's blank rows), or None.
+    empty: (n,) bool, rows without text (None, or "" outside WikiText's layout), or None.
+    """
+
+    ids: np.ndarray
+    starts: np.ndarray
+    piece: int = 0
+    first_row: int = 0
+    step: int = 1
+    first_token: int = 0
+    blank: np.ndarray | None = None
+    empty: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.starts) - 1
+
+    def trim(self, tokens: int) -> "TokenBatch":
+        """This batch without the first `tokens` tokens of its first row."""
+        have = int(self.starts[1] - self.starts[0]) if self.rows else 0
+        if tokens > have:
+            raise ValueError(
+                f"corrupt checkpoint: position token={tokens}, but row {self.first_row} of piece "
+                f"{self.piece} has {have} tokens"
+            )
+        starts = self.starts - tokens
+        starts[0] = 0
+        return TokenBatch(
+            self.ids[tokens:], starts, self.piece, self.first_row, self.step, tokens, self.blank, self.empty
+        )
+
 
 if TYPE_CHECKING:
-    from .reading import TokenSource
+    pass
 
 ROWS_PER_BATCH = 256  # rows of a plain iterable or an untyped datasets stream converted together
 
@@ -139,12 +178,3 @@ class IterableRows(TokenRows):
             index += len(chunk)
         if row > index + step - 1:
             raise ValueError(f"corrupt checkpoint: position row={row}, but the stream has {index} rows")
-
-
-def as_token_source(stream: Any) -> "TokenSource":
-    """The token source for a TokenStream, a datasets stream of token rows, or any re-iterable of rows."""
-    if isinstance(stream, TokenStream):
-        return stream
-    if isinstance(stream, datasets.IterableDataset):
-        return DatasetRows(stream)
-    return IterableRows(stream)

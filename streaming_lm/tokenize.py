@@ -14,6 +14,7 @@ import collections
 import functools
 import itertools
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from .cache import TokenCache, cached_batches, flags_of, resolved
 from .checks import check_choice, check_positive_int
 from .config import (
     LAYOUTS,
@@ -30,55 +32,17 @@ from .config import (
     TOKENIZE_BATCH_ROWS,
 )
 from .documents import classify, cut_long, resolve_layout
-from .encoders import _settle, make_encoder, tokenizer_identity
+from .encoders import _settle, make_encoder, tokenizer_identity, tokenizer_key
 from .files import fingerprint
 from .pieces import Pieces, read_piece_text
 from .source import SourceInfo, TextStream
 from .state import Task
+from .token_rows import TokenBatch
 
 logger = logging.getLogger(__name__)
 
 
 READ_AHEAD = 2  # token groups being tokenized ahead of the one packed, per stream (in-process)
-
-
-@dataclass(frozen=True, eq=False)
-class TokenBatch:
-    """Consecutive rows of one piece as one flat array: row k is ids[starts[k]:starts[k + 1]].
-
-    ids: (N,) integer ids, each document's EOS included. starts: (n + 1,) int64 offsets.
-    piece, first_row, step: row k is row first_row + k * step of piece `piece`.
-    first_token: where row 0 starts within its row (a batch read from inside a row).
-    blank: (n,) bool, rows that are layout only (WikiText's blank rows), or None.
-    empty: (n,) bool, rows without text (None, or "" outside WikiText's layout), or None.
-    """
-
-    ids: np.ndarray
-    starts: np.ndarray
-    piece: int = 0
-    first_row: int = 0
-    step: int = 1
-    first_token: int = 0
-    blank: np.ndarray | None = None
-    empty: np.ndarray | None = None
-
-    @property
-    def rows(self) -> int:
-        return len(self.starts) - 1
-
-    def trim(self, tokens: int) -> "TokenBatch":
-        """This batch without the first `tokens` tokens of its first row."""
-        have = int(self.starts[1] - self.starts[0]) if self.rows else 0
-        if tokens > have:
-            raise ValueError(
-                f"corrupt checkpoint: position token={tokens}, but row {self.first_row} of piece "
-                f"{self.piece} has {have} tokens"
-            )
-        starts = self.starts - tokens
-        starts[0] = 0
-        return TokenBatch(
-            self.ids[tokens:], starts, self.piece, self.first_row, self.step, tokens, self.blank, self.empty
-        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,6 +135,7 @@ class TokenStream:
     source: SourceInfo | None
     name: str
     encoder: Any = field(default=None, repr=False)
+    cache: TokenCache | None = field(default=None, repr=False)
 
     @functools.cached_property
     def pieces(self) -> Pieces:
@@ -217,8 +182,25 @@ class TokenStream:
 
     def read_tasks(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
         """(task index, TokenBatch) of each task's piece in turn, from its row (its `token` is the
-        caller's to trim). Rows of consecutive tasks are tokenized together, about `batch_rows` at a
-        time; in-process READ_AHEAD groups are tokenized in the pool while the caller packs
+        caller's to trim): from the token cache where it holds the piece, else tokenized (and a
+        task that reads its piece whole written to the cache as it goes)."""
+        if self.cache is None:
+            yield from self._tokenized(tasks)
+            return
+        run: list[int] = []  # the tasks before the next cached one
+        for index, task in enumerate(tasks):
+            found = self._cached(task)
+            if found is None:
+                run.append(index)
+                continue
+            yield from self._written(tasks, run)
+            run = []
+            yield from ((index, batch) for batch in found)
+        yield from self._written(tasks, run)
+
+    def _tokenized(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
+        """read_tasks from the text: rows of consecutive tasks tokenized together, about `batch_rows`
+        at a time; in-process READ_AHEAD groups are tokenized in the pool while the caller packs
         (two: a mixture's sources share the pool, and one waiting behind another's group stalls)."""
         group: list[Segment] = []
         pending: collections.deque = collections.deque()
@@ -235,6 +217,66 @@ class TokenStream:
             pending.append(self._encode(group))
         while pending:
             yield from _result(pending.popleft())
+
+    def piece_key(self, piece: int, step: int = 1, offset: int = 0) -> dict | None:
+        """What a cache entry of `piece` (rows offset, offset + step, ...) is: the piece (its file's
+        resolved path, size and modification time, or its Hub commit and file), the tokenizer, the
+        document rule, the text column; None where the stream cannot name its pieces."""
+        source = self.source
+        if source is None or not source.piece_names or len(source.piece_names) != self.n_pieces:
+            return None
+        if source.local is not None:
+            path, group = source.local[piece]
+            stat = os.stat(path)
+            where = {"file": resolved(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            where["row_group"] = group
+        else:
+            where = {k: source.identity[k] for k in ("hub", "config", "split", "revision")}
+            where["file"] = source.piece_names[piece]
+        rule = {"layout": self.rule[0], "eos": self.eos, "text_column": source.identity["text_column"]}
+        return {**where, **rule, "tokenizer": self.tokenizer_key, "step": step, "offset": offset}
+
+    @functools.cached_property
+    def tokenizer_key(self) -> str:
+        return tokenizer_key(self.tokenizer)
+
+    def _cached(self, task: Task) -> Iterator[TokenBatch] | None:
+        """The TokenBatches of `task` from its cache entry (or the whole piece's, for rows a part
+        keeps of a shared piece), or None if the cache has neither."""
+        for step, offset in {(task.step, task.offset), (1, 0)}:
+            key = self.piece_key(task.piece, step, offset)
+            entry = self.cache.open(key, self.source.piece_names[task.piece]) if key else None
+            if entry is not None:
+                return cached_batches(entry, task, step)
+        return None
+
+    def _written(self, tasks: Sequence[Task], run: list[int]) -> Iterator[tuple[int, TokenBatch]]:
+        """The tokenized batches of tasks[run], each whole task's written to the cache as it goes
+        (and finished once a later task's batch comes: a task's batches come in order)."""
+        writers: dict[int, Any] = {}  # task (index in run) -> its writer, or None: not written
+        try:
+            for k, batch in self._tokenized([tasks[i] for i in run]):
+                for done in [j for j in writers if j < k and writers[j] is not None]:
+                    writers[done].finish()
+                    writers[done] = None
+                if k not in writers:
+                    writers[k] = self._writer(tasks[run[k]])
+                if writers[k] is not None and not writers[k].add(batch.ids, batch.starts, flags_of(batch)):
+                    writers[k] = None
+                yield run[k], batch
+            for k, i in enumerate(run):  # the last task's writer; a task without a batch: an empty entry
+                writer = writers.pop(k) if k in writers else self._writer(tasks[i])
+                _ = writer and writer.finish()
+        finally:
+            for writer in filter(None, writers.values()):
+                writer.abort()
+
+    def _writer(self, task: Task) -> Any:
+        whole = task.token == 0 and task.row == (task.offset if task.step > 1 else 0)
+        key = self.piece_key(task.piece, task.step, task.offset) if whole else None
+        vocab = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else self.tokenizer.vocab_size
+        dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+        return self.cache.writer(key, self.source.piece_names[task.piece], dtype) if key else None
 
     def _encode(self, group: list[Segment]) -> "list[tuple[int, TokenBatch]] | Future":
         labels = [self._label(g.piece) for g in group]
@@ -267,6 +309,7 @@ def tokenize_stream(
     separate_documents: bool = True,
     layout: str = "auto",
     batch_rows: int = TOKENIZE_BATCH_ROWS,
+    cache_dir: str | os.PathLike | None = None,
 ) -> TokenStream:
     """Step 2: lazily tokenize a text stream -> a `TokenStream` of {"input_ids": (n,) int32} rows.
 
@@ -277,6 +320,8 @@ def tokenize_stream(
     `layout` "wikitext" (WikiText articles), "rows" (every row) or "auto" (see the module's
     docstring; `tokens.description` says what it chose). A literal "<|endoftext|>" in the text is
     encoded as ordinary text, never as the separator. Nothing is read until the stream is used.
+    cache_dir: a folder for the token cache (cache.py): each piece the dataset tokenizes whole is
+    kept there, verified, and read from there by later passes and runs instead of its text.
     """
     if tokenizer is None or not callable(tokenizer):
         raise TypeError(f"tokenizer must be a callable tokenizer (see load_tokenizer()), got {tokenizer!r}")
@@ -298,8 +343,13 @@ def tokenize_stream(
         batch_rows = max(1, min(batch_rows, int(TOKENIZE_BATCH_CHARS // source.row_chars)))
     text = stream.select_columns([TEXT_COLUMN]) if columns is not None and len(columns) > 1 else stream
     eos = tokenizer.eos_token_id if separate_documents else None
-    name = stream_name(stream)
-    return TokenStream(text, tokenizer, layout, eos, batch_rows, source, name, make_encoder(tokenizer))
+    name, cache = stream_name(stream), None if cache_dir is None else TokenCache(cache_dir)
+    if cache is not None and (source is None or not source.piece_names):
+        logger.warning(
+            "token cache: the stream cannot name its pieces (not from load_text_stream): not cached"
+        )
+        cache = None
+    return TokenStream(text, tokenizer, layout, eos, batch_rows, source, name, make_encoder(tokenizer), cache)
 
 
 def stream_name(stream: datasets.IterableDataset) -> str:

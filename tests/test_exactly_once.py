@@ -4,7 +4,8 @@ Hypothesis draws a `Shape`: 1-3 sources (a mixture when 2-3, with random weights
 files of one format (JSON lines, text, parquet with 1-5 row groups) of 0-40 rows from empty to
 several blocks; 1-3 ranks (in-process `rank=`/`world_size=`) x 0-3 DataLoader workers, shuffling
 with a random window, 1-3 epochs a pass or endless with a batch limit, 1-2 passes, `pad_last`,
-persistent workers, a batch size of 1-8; a save point (start, after the first batch, mid, before
+persistent workers, a batch size of 1-8, a token cache or none (the uninterrupted run fills it, the
+resumes read it); a save point (start, after the first batch, mid, before
 the last, after the last, after the pass's StopIteration) and a layout to resume on. Every claim is checked by token accounting
 against an independent tokenization of the files (tiktoken, row by row, an EOS before each row):
 
@@ -82,6 +83,7 @@ class Shape:
     resume_ranks: int = 1
     resume_workers: int = 0
     edit: int = 0  # picks the field to edit
+    cached: bool = False  # every run reads through one token cache: the first fills it, the rest read it
 
 
 # ----------------------------------------------------------------------------- drawing shapes
@@ -122,6 +124,7 @@ def shapes(draw) -> Shape:
         resume_ranks=resume[0],
         resume_workers=resume[1],
         edit=draw(st.integers(0, 10**6)),
+        cached=draw(st.booleans()),
     )
 
 
@@ -171,7 +174,8 @@ def build(shape: Shape, folder: Path, tokenizer) -> Corpus:
     streams = []
     for files in written:
         stream = L.load_text_stream(data_files=[path for path, _ in files])
-        streams.append(L.tokenize_stream(stream, tokenizer, layout="rows"))
+        cache = folder / "token-cache" if shape.cached else None
+        streams.append(L.tokenize_stream(stream, tokenizer, layout="rows", cache_dir=cache))
     tokens = [corpus_tokens(files, tokenizer.encoding) for files in written]
     names = [f"s{i}" for i in range(len(streams))]
     if len(streams) == 1:
@@ -521,6 +525,17 @@ FOUND = [
         workers=2,
         batch_size=3,
         save="first",
+    ),
+    # a persistent worker kept its last pass as not read to its end: a mixture's next pass replayed
+    Shape(
+        (jsonl((1,)), jsonl((2,)), jsonl((2,))),
+        (1.0, 1.0, 1.0),
+        block_size=3,
+        passes=2,
+        workers=1,
+        persistent=True,
+        batch_size=1,
+        save="start",
     ),
 ]
 
