@@ -19,6 +19,7 @@ call, encode_batch or encode_batch_fast); 2 workers >= 0.85x that limit (tiktoke
 in-process (HF); the worker path on a pre-tokenized source >= 1.0x a bare torch DataLoader shipping
 the same blocks (stretch 2x); peak RSS within 15 % from 10 to 100 epochs; an epoch over 2,000 files
 within 5x the time of 500 files of the same size. And a 0.7 / 0.3 mixture within 5 % of one source.
+The token cache's rows: bench_cache.py; long documents' peak RSS (20 to 800 MB): bench_long.py.
 """
 
 import argparse
@@ -45,6 +46,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cache import cache_lines, measure_cache, measure_cached_memory, peak_rss_cached  # noqa: E402
+from bench_long import long_lines, measure_long_memory, peak_rss_long  # noqa: E402
 
 import lab2_helpers as L  # noqa: E402
 from streaming_lm import config as C  # noqa: E402
@@ -570,12 +572,15 @@ def main() -> None:
     )
     parser.add_argument("--rss-run", type=int, metavar="EPOCHS", help=argparse.SUPPRESS)
     parser.add_argument("--rss-cached", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-long", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_run:
         return peak_rss_run(args.files, args.rss_run)
     if args.rss_cached:
         return peak_rss_cached(args.files, memory_kib)
+    if args.rss_long:
+        return peak_rss_long(args.files[0], memory_kib)
     quiet_repeated_warnings()
     with tempfile.TemporaryDirectory() as folder:
         corpora = write_corpora(Path(folder))
@@ -587,9 +592,12 @@ def main() -> None:
         cached = measure_cache(corpora, Path(folder), args.repeats, best_of, WORKER_EPOCHS)
         one_copy = corpora["wikitext rows"][: len(corpora["wikitext rows"]) // COPIES]
         cached_memory = measure_cached_memory(one_copy, Path(folder), __file__)
+        long_memory = measure_long_memory(Path(folder), __file__)
     args.out.mkdir(exist_ok=True)
     text = report(speeds, workers, files, mixture, memory, args.repeats)
     text += "\n## Token cache (cache.py)\n\n" + "\n".join(cache_lines(cached, cached_memory)) + "\n"
+    text += "\n## Long documents (1 MB each, one JSON-lines file, a fresh process each)\n\n"
+    text += "\n".join(long_lines(long_memory)) + "\n"
     (args.out / "benchmark.md").write_text(text)
     chart(speeds, args.out / "benchmark.png")
     print(text)

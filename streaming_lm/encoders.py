@@ -157,6 +157,7 @@ class TiktokenGPT2:
 def gather_futures(chunks: list[Future]) -> Future:
     """One Future of the joined (ids, starts) of chunk futures, done when the last chunk is."""
     out: Future = Future()
+    chunks = list(chunks)  # cleared when done
     left, lock = [len(chunks)], threading.Lock()
 
     def done(_: Future) -> None:
@@ -165,6 +166,7 @@ def gather_futures(chunks: list[Future]) -> Future:
             last = not left[0]
         if last:
             _settle(out, lambda: join_flat([c.result() for c in chunks]))
+            chunks.clear()  # each chunk's callback holds `chunks`: a cycle kept results to the next gc
 
     for chunk in chunks:
         chunk.add_done_callback(done)
