@@ -58,9 +58,10 @@ def looks_like_wikitext(texts: Sequence[Any]) -> tuple[bool, str]:
 
 
 def resolve_layout(
-    stream: datasets.IterableDataset, layout: str = "auto", source: SourceInfo | None = None
+    stream: datasets.IterableDataset, layout: str = "auto", source: SourceInfo | None = None, peek: Any = None
 ) -> tuple[str, str]:
-    """(rule, why): `layout`, or for "auto" what the source says or its first rows look like."""
+    """(rule, why): `layout`, or for "auto" what the source says or its first rows look like
+    (`peek(n)`: the first n texts; default: read from `stream`)."""
     check_choice("layout", layout, LAYOUTS)
     if layout != "auto":
         return layout, "asked for"
@@ -71,7 +72,7 @@ def resolve_layout(
         return "wikitext", f"config {info.config_name}"
     if stream.column_names is None:  # maybe a one-shot generator: reading it here would lose rows
         return "rows", "auto: the stream cannot be peeked at"
-    first = peek_texts(stream, LAYOUT_PEEK_ROWS, source)
+    first = peek(LAYOUT_PEEK_ROWS) if peek is not None else peek_texts(stream, LAYOUT_PEEK_ROWS, source)
     verdict, why = looks_like_wikitext(first)
     return ("wikitext", f"auto: {why}") if verdict else ("rows", f"auto: {why}")
 

@@ -194,9 +194,9 @@ def open_local(builder: str, files: list[str], split: str) -> datasets.IterableD
 LOCAL_READ_ERRORS = (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, UnicodeDecodeError, OSError)
 
 
-def locate_bad_json(name: str) -> str | None:
-    """'data file X, line N: ...' for the first line of a JSON-lines file that is not UTF-8 or not
-    a JSON object; None if every line reads."""
+def locate_bad_json(name: str, column: str | None = None) -> str | None:
+    """'data file X, line N: ...' for the first line of a JSON-lines file that is not UTF-8, not a
+    JSON object, or whose `column` holds something other than text; None if every line reads."""
     with open(name, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -209,13 +209,31 @@ def locate_bad_json(name: str) -> str | None:
                 return f"data file {name}, line {number}: not valid JSON ({err.msg}, column {err.colno})"
             if not isinstance(record, dict):
                 return f"data file {name}, line {number}: a JSON {type(record).__name__}, not an object"
+            value = record.get(column)
+            if column is not None and value is not None and not isinstance(value, str):
+                kind = {int: "number", float: "number", bool: "boolean", list: "list", dict: "object"}
+                what = f"{kind.get(type(value), type(value).__name__)} {json.dumps(value)[:60]}"
+                return (
+                    f"data file {name}, line {number} (row {number - 1}), key {column!r}: a {what}, not text"
+                )
     return None
 
 
-def damaged_file_error(builder: str, name: str, err: Exception) -> ValueError:
-    """One clear error for a file datasets could not read: the file, the line where we can find it
-    (JSON lines), and the fix."""
-    where = locate_bad_json(name.split(" (row group")[0]) if builder == "json" else None
+def missing_key_error(path: str, column: str) -> ValueError:
+    """The error for a JSON-lines file none of whose lines has the text's key: its first line's keys."""
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"{}")
+    keys = sorted(json.loads(first)) if first.strip().startswith(b"{") else []
+    return ValueError(
+        f"data file {path}: no line has the key {column!r} (its first line's keys: {keys}); name the key "
+        "that holds the text with text_column=..."
+    )
+
+
+def damaged_file_error(builder: str, name: str, err: Exception, column: str | None = None) -> ValueError:
+    """One clear error for a file that could not be read: the file, the line where we can find it
+    (JSON lines: also a `column` that holds something other than text), and the fix."""
+    where = locate_bad_json(name.split(" (row group")[0], column) if builder == "json" else None
     if where:
         return ValueError(f"{where}: fix or remove that line")
     said = " ".join(str(err).split())  # one line
@@ -232,7 +250,8 @@ def located_error(source: "SourceInfo | None", err: Exception) -> Exception:
         return err  # retrying the Hub belongs to the piece reader
     names = source.piece_names or ()
     json_files = [name for name in names if name.endswith((".json", ".jsonl"))]
-    located = next(filter(None, map(locate_bad_json, json_files)), None)
+    column = source.identity.get("text_column")
+    located = next(filter(None, (locate_bad_json(name, column) for name in json_files)), None)
     if located:
         return ValueError(f"{located}: fix or remove that line")
     return _local_error(source, first_bad_piece(source), err)
@@ -259,4 +278,4 @@ def _local_error(source: "SourceInfo | None", piece: int, err: Exception) -> Exc
     if not names or piece >= len(names):
         return err
     builder = "json" if names[piece].endswith((".json", ".jsonl")) else "parquet"
-    return damaged_file_error(builder, names[piece], err)
+    return damaged_file_error(builder, names[piece], err, source.identity.get("text_column"))

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,9 @@ def hub_status(timeout: float = HUB_PROBE_SECONDS, repo: str = DATASET_REPO) -> 
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 answers.append((response.status == 200, f"{url} answered {response.status}"))
-        except OSError as err:  # URLError, HTTPError, timeouts, refused connections
+        except urllib.error.HTTPError as err:  # the Hub answered, with an error
+            answers.append((False, f"{url} answered {err.code} ({err.reason})"))
+        except OSError as err:  # URLError, timeouts, refused connections
             answers.append((False, f"{url}: {err}"))
 
     thread = threading.Thread(target=probe, daemon=True)
@@ -86,6 +89,11 @@ def choose_source(source: str = "auto", repo: str = DATASET_REPO) -> tuple[str, 
     if source == "local":
         return "local", "asked for"
     reachable, why = hub_status(repo=repo)
+    if " answered 404 " in why:  # the Hub is there; the repository is not
+        raise ValueError(
+            f"no dataset repository {repo!r} on the Hub ({why}): check its name, namespace/name "
+            "(e.g. Salesforce/wikitext); a private one needs a token (huggingface-cli login)"
+        )
     if source == "hub" and not reachable:
         raise ConnectionError(
             f"source='hub' but the Hub cannot be reached ({why}); use source='local' or 'auto'"

@@ -6,6 +6,7 @@ until its deadline (hub.py).
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ import pyarrow
 from .config import (
     TEXT_COLUMN,
 )
-from .files import _local_error, parquet_file, text_file_rows
+from .files import _local_error, locate_bad_json, missing_key_error, parquet_file, text_file_rows
 from .hub import _hub_errors, _wait_for_hub, one_datasets_try
 from .source import SourceInfo
 
@@ -131,7 +132,7 @@ def local_batches(source: SourceInfo, piece: int, batch_rows: int) -> tuple[Iter
         batches = parquet_file(path).iter_batches(
             batch_size=batch_rows, row_groups=[group], columns=[column], use_threads=False
         )
-        return (_utf8_checked(b.rename_columns([TEXT_COLUMN])) for b in batches), True
+        return (b.rename_columns([TEXT_COLUMN]) for b in batches), True
     if source.builder == "json" and path.endswith(".jsonl"):
         import pyarrow.json as pj
 
@@ -139,20 +140,68 @@ def local_batches(source: SourceInfo, piece: int, batch_rows: int) -> tuple[Iter
             explicit_schema=pyarrow.schema([(column, pyarrow.string())]), unexpected_field_behavior="ignore"
         )
         batches = pj.open_json(path, parse_options=options)
-        return (_utf8_checked(b.rename_columns([TEXT_COLUMN])) for b in batches), True
+        return (b.rename_columns([TEXT_COLUMN]) for b in batches), True
     if source.builder == "text":
         return _text_batches(path, batch_rows), False
-    one = datasets.load_dataset(
-        "json", data_files=[path], split="train", streaming=True
-    )  # a .json array file
+    one = datasets.load_dataset("json", data_files=[path], split="train", streaming=True)  # a JSON array
+    if column not in (one.column_names or [column]):
+        raise ValueError(f"data file {path} has no {column!r} key; its keys are {one.column_names}")
+    one = one.select_columns([column]).rename_column(column, TEXT_COLUMN) if column != TEXT_COLUMN else one
     return one.with_format("arrow").iter(batch_size=batch_rows), True
 
 
-def _utf8_checked(batch: Any) -> Any:
-    """`batch`, after checking its text is valid UTF-8 (pyarrow's JSON and parquet readers keep bad
-    bytes in a string array; they would fail later, far from the file): ArrowInvalid if not."""
-    batch.column(TEXT_COLUMN).validate(full=True)
-    return batch
+def as_text(texts: Any, where: str, first: int) -> Any:
+    """An Arrow column of text rows as a string array, checked: dictionary-encoded text (pandas'
+    categoricals) decoded, bytes decoded as UTF-8, JSON values that are strings taken as text; bytes
+    that are not UTF-8, or a column of another type (numbers, lists), end in a ValueError naming
+    `where` (file and column), the row (`first` is the array's first) and what it holds."""
+    kind = texts.type
+    if pyarrow.types.is_dictionary(kind):
+        texts, kind = texts.dictionary_decode(), kind.value_type
+    if pyarrow.types.is_null(kind):
+        return pyarrow.nulls(len(texts), pyarrow.string())
+    if isinstance(kind, pyarrow.BaseExtensionType):  # datasets' JSON values: text only where a string
+        values = [None if v is None else json.loads(v) for v in texts.storage.to_pylist()]
+        bad = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
+        if bad is None:
+            return pyarrow.array(values, pyarrow.string())
+        raise ValueError(
+            f"{where}, row {first + bad}: {type(values[bad]).__name__} {values[bad]!r:.60}, not text"
+        )
+    if pyarrow.types.is_binary(kind) or pyarrow.types.is_large_binary(kind):
+        texts = texts.cast(pyarrow.large_binary()).view(pyarrow.large_string())  # checked below
+    elif not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+        row = next((i for i, v in enumerate(texts.is_valid().to_pylist()) if v), 0)
+        raise ValueError(
+            f"{where} holds {kind}, not text (row {first + row}: {texts[row].as_py()!r:.60}): name the "
+            "column that holds the text with text_column=..."
+        )
+    try:
+        texts.validate(full=True)  # UTF-8: pyarrow's readers keep bad bytes in string arrays
+    except pyarrow.ArrowInvalid:
+        bad = next(i for i, v in enumerate(texts.cast(pyarrow.large_binary()).to_pylist()) if not _utf8(v))
+        raise ValueError(f"{where}, row {first + bad}: not valid UTF-8 text; re-save it as UTF-8") from None
+    return texts
+
+
+def _checked_text(texts: Any, where: str, first: int, source: SourceInfo | None, piece: int | None) -> Any:
+    """`as_text` of a batch's column; a JSON-lines file's bad row is named by its line."""
+    texts = texts.combine_chunks() if isinstance(texts, pyarrow.ChunkedArray) else texts
+    try:
+        return as_text(texts, where, first)
+    except ValueError as err:
+        if source is None or source.builder != "json" or not source.local or piece is None:
+            raise
+        path, column = source.local[piece][0], source.identity.get("text_column")
+        located = locate_bad_json(path, column)
+        raise (ValueError(f"{located}: fix or remove that line") if located else err) from None
+
+
+def _utf8(value: bytes | None) -> bool:
+    try:
+        return value is None or bool(value.decode("utf-8")) or True
+    except UnicodeDecodeError:
+        return False
 
 
 def _text_batches(path: str, batch_rows: int) -> Iterator[dict[str, list[str]]]:
@@ -173,12 +222,15 @@ def _piece_batches(
 ) -> Iterator[tuple[int, list]]:
     """Batches of one piece from row `progress.rows`, advancing it (see `read_piece_text`)."""
     batches, typed = _arrow_batches(pieces, piece, batch_rows, source)
-    seen = 0
+    seen, where, found = 0, column_name(source, piece), False
     for batch in _pulled(batches, progress, source):
         columns = batch.column_names if typed else list(batch)
         if TEXT_COLUMN not in columns:
             raise ValueError(f"the stream has no {TEXT_COLUMN!r} column; its columns are {sorted(columns)}")
         texts = batch[TEXT_COLUMN] if not typed else batch.column(TEXT_COLUMN)
+        if typed:
+            texts = _checked_text(texts, where, seen, source, piece)
+            found = found or texts.null_count < len(texts)
         n = len(texts)
         if seen + n <= progress.rows:  # before the start row (or read before a retry)
             seen += n
@@ -186,7 +238,6 @@ def _piece_batches(
         skip = progress.rows - seen
         texts = texts[skip:] if skip else texts
         first, seen = progress.rows, seen + n
-        texts = texts.combine_chunks() if typed and isinstance(texts, pyarrow.ChunkedArray) else texts
         if step > 1:
             keep = [i for i in range(len(texts)) if (first + i) % step == offset]
             if not keep:
@@ -196,10 +247,24 @@ def _piece_batches(
             first += keep[0]
         progress.rows = seen
         yield first, texts if typed else list(texts)
+    if seen and typed and not found and source is not None and source.builder == "json":
+        raise missing_key_error(source.local[piece][0], source.identity["text_column"])
     if progress.rows - seen >= step:  # a start row past the piece's end: no run could be there
         raise ValueError(
             f"corrupt checkpoint: position row={progress.rows}, but piece {piece} has {seen} rows"
         )
+
+
+def column_name(source: SourceInfo | None, piece: int | None) -> str:
+    """'data file F (row group G), column 'C'' of a piece, for errors; 'piece N, column ..' if unnamed."""
+    names = source.piece_names if source is not None else None
+    file = (
+        f"data file {names[piece]}"
+        if names and piece is not None and piece < len(names)
+        else f"piece {piece}"
+    )
+    column = source.identity.get("text_column", TEXT_COLUMN) if source is not None else TEXT_COLUMN
+    return f"{file}, column {column!r}"
 
 
 def _pulled(batches: Iterator[Any], progress: ReadProgress, source: SourceInfo | None) -> Iterator[Any]:

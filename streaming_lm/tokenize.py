@@ -145,7 +145,21 @@ class TokenStream:
     @functools.cached_property
     def rule(self) -> tuple[str, str]:
         """(document rule, why): `layout`, or what "auto" decided (it may read the first rows)."""
-        return resolve_layout(self.text, self.layout, self.source)
+        return resolve_layout(self.text, self.layout, self.source, self.first_texts)
+
+    def first_texts(self, n: int) -> list[Any]:
+        """The texts of the first `n` rows (fewer if they are long: up to TOKENIZE_BATCH_CHARS
+        characters), each cut to its first and last 64 characters: the document rule's "auto" looks
+        at how rows start and end (50 rows of 1 MB held whole were a 100 MiB peak)."""
+        texts: list[Any] = []
+        chars = 0  # read so far: a tokenizing batch of long rows is enough (WikiText's rows are short)
+        for _, rows in self.text_batches():
+            rows = rows.to_pylist() if hasattr(rows, "to_pylist") else rows
+            chars += sum(len(t) for t in rows if isinstance(t, str))
+            texts += map(_ends, rows)
+            if len(texts) >= n or chars >= TOKENIZE_BATCH_CHARS:
+                break
+        return texts[:n]
 
     @property
     def identity(self) -> dict[str, str]:
@@ -282,11 +296,19 @@ class TokenStream:
         labels = [self._label(g.piece) for g in group]
         return encode_segments(self.encoder, group, layout=self.rule[0], eos=self.eos, labels=labels)
 
+    def text_batches(self) -> Iterator[tuple[int, Any]]:
+        """(first row, texts) of the whole stream in order: local files piece by piece, as the
+        pipeline reads them (a damaged row is named with its file and line), else the stream in one
+        pass (a remote file is opened once)."""
+        if self.source is None or self.source.local is None:
+            yield from read_piece_text(self.text, None, 0, self.batch_rows, source=self.source)
+            return
+        for piece in range(self.n_pieces):
+            yield from read_piece_text(self.pieces, piece, 0, self.batch_rows, source=self.source)
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        """Every row in order, {"input_ids": (n,) int32}, read in one pass over the stream (not piece
-        by piece: a remote file is opened once); WikiText's blank rows are left out."""
-        texts = read_piece_text(self.text, None, 0, self.batch_rows, source=self.source)
-        for first, rows in texts:
+        """Every row in order, {"input_ids": (n,) int32}; WikiText's blank rows are left out."""
+        for first, rows in self.text_batches():
             ((_, batch),) = _result(self._encode([Segment(0, 0, first, 1, rows)]))
             ids = batch.ids.astype(np.int32, copy=False)
             for k in range(batch.rows):
@@ -296,6 +318,11 @@ class TokenStream:
     def take(self, n: int) -> list[dict[str, np.ndarray]]:
         """The first `n` rows (as iterating gives them)."""
         return list(itertools.islice(self, check_positive_int("n", n)))
+
+
+def _ends(text: Any, keep: int = 64) -> Any:
+    """A row's first and last `keep` characters (the row itself if short or not text)."""
+    return text[:keep] + text[-keep:] if isinstance(text, str) and len(text) > 2 * keep else text
 
 
 def _result(encoded: Any) -> Any:

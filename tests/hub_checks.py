@@ -171,9 +171,21 @@ def goes_away(tokenizer):
     return {"seconds": time.perf_counter() - start, "error": None}
 
 
+def unknown(tokenizer):
+    """A repository the Hub does not have, on both sources that ask for the Hub."""
+    found = {}
+    for source in ("hub", "auto"):
+        try:
+            L.load_text_stream(source, repo="nobody/no-such-data")
+            found[source] = None
+        except Exception as err:  # noqa: BLE001 - reported, not hidden: the test reads it
+            found[source] = f"{type(err).__name__}: {err}"
+    return found
+
+
 if __name__ == "__main__":
     tok = L.load_tokenizer(backend="tiktoken")
     modes = {"sources": sources, "scale": scale, "faults": faults, "configs": configs}
-    modes.update(save=save, resume=resume, goes_away=goes_away)
+    modes.update(save=save, resume=resume, goes_away=goes_away, unknown=unknown)
     result = modes[sys.argv[1]](tok)
     print(json.dumps(result))

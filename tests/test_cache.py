@@ -81,8 +81,8 @@ def test_a_cached_pass_gives_the_blocks_of_the_text_batch_by_batch(
     text = [batches(corpus, fast_tokenizer, rank=r, **kwargs)[0] for r in ranks]
     first = [batches(corpus, fast_tokenizer, cache, rank=r, **kwargs)[0] for r in ranks]  # fills it
     assert len(entries(cache)) >= 9  # every piece
-    with monkeypatch.context() as patch:  # below no text is read (forked workers inherit the patch)
-        patch.setattr(T, "read_piece_text", lambda *a, **k: pytest.fail("read text of a cached piece"))
+    with monkeypatch.context() as patch:  # below no text is tokenized (forked workers inherit the patch)
+        patch.setattr(T.TokenStream, "_encode", lambda *a, **k: pytest.fail("tokenized a cached piece"))
         cached = [batches(corpus, fast_tokenizer, cache, rank=r, **kwargs)[0] for r in ranks]
     for r in ranks:
         assert same(text[r], first[r]) and same(text[r], cached[r])

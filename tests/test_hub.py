@@ -224,3 +224,10 @@ def test_a_hub_that_goes_away_is_said_and_given_up_within_the_deadline(hub, tmp_
     assert "the Hub went away while streaming lab/big" in result["error"] and ".parquet" in result["error"]
     assert result["seconds"] < 40 + 30 + 15  # the deadline, one huggingface_hub retry cycle, start-up
     assert "the Hub did not answer reading lab/big" in err  # said at WARNING before giving up
+
+
+def test_an_unknown_repository_is_named_as_unknown_not_as_a_network_failure(hub, tmp_path):
+    result = run_checks(hub("--data", str(build_hub(tmp_path / "hub"))).url, "unknown", tmp_path)
+    for source in ("hub", "auto"):
+        assert result[source].startswith("ValueError: no dataset repository 'nobody/no-such-data' on the Hub")
+        assert "answered 404" in result[source] and "cannot be reached" not in result[source]
