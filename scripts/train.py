@@ -278,6 +278,10 @@ def main(argv=None):
         trim_log(log_path, start)
     if args.resume and args.trace_tokens:
         trim_log(trace_path, start, note=False)
+        if rank == 0:  # fewer processes than before: the traces of ranks that are gone are trimmed too
+            for gone in sorted(args.out.glob("tokens-rank*.jsonl")):
+                if int(gone.stem.removeprefix("tokens-rank")) >= world_size:
+                    trim_log(gone, start, note=False)
     compiled = torch.compile(model) if args.compile else model
     if rank == 0:
         print(

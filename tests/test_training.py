@@ -1,6 +1,7 @@
 """Training on the stream: document positions, EOS targets, and scripts/train.py surviving SIGKILL."""
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,3 +260,64 @@ def test_one_jsonl_file_with_two_workers_shuffled_is_killed_and_resumes_exactly_
     assert not tokens - corpus, "a token was read twice"
     assert steps["tokens-rank0.jsonl"] == list(range(1, len(steps["tokens-rank0.jsonl"]) + 1))
     assert sum((corpus - tokens).values()) < 2 * 32  # the 2 parts' tails at most
+
+
+def process_tree(pid):
+    """`pid` and every process below it (torchrun starts each worker in a session of its own)."""
+    children = collections.defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        children[parent].append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children[tree[-1]]
+    return tree
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_killed_after_a_checkpoint_resume_on_one_node_of_three_exactly_once(tmp_path):
+    """Two torchrun launchers (two "nodes" on 127.0.0.1, a c10d rendezvous, 2 processes each) train
+    on one shared --out folder, are killed after a checkpoint, and 1 node x 3 processes resumes:
+    every token of the epoch at most once, and only the held-back and the parts' tails unread."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    rdzv = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "two-nodes"]
+    args = ["--out", str(tmp_path), "--steps", "100000", "--checkpoint-every", "3", *EPOCH]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2", *rdzv]
+    nodes = [subprocess.Popen([*node, *TRAIN[1:], *args], env=env) for _ in range(2)]
+    try:
+        wait_for_checkpoint_step(tmp_path, 3, nodes[0])
+    finally:
+        for process in nodes:  # a node lost: its launcher and every process it started
+            for pid in process_tree(process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["loader"]["layout"]["ranks"] == [0, 1, 2, 3] and saved["step"] >= 3
+    one_node = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    resume = [*one_node, *TRAIN[1:], *args[:2], *TO_THE_END, "--resume", *EPOCH]
+    run = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-6000:]
+    tokens, steps = traced(tmp_path)
+    assert sorted(steps) == [f"tokens-rank{r}.jsonl" for r in range(4)]
+    assert steps["tokens-rank3.jsonl"] == list(
+        range(1, saved["step"] + 1)
+    )  # the gone rank: to the checkpoint
+    assert steps["tokens-rank0.jsonl"] == steps["tokens-rank2.jsonl"]  # in lockstep, across the resume
+    assert len(steps["tokens-rank0.jsonl"]) > saved["step"] + 10, "the 3 processes went on with the epoch"
+    corpus = corpus_tokens()
+    assert not tokens - corpus, "a token was read twice"
+    lost = sum((corpus - tokens).values())
+    assert lost <= held_back(run.stdout) + 7 * 32  # held back by the lockstep (counted), 4 + 3 parts' tails
