@@ -9,6 +9,8 @@
 #   make test-floor the tokenizing, resume, mixture and training tests again with the lowest versions
 #                   requirements.txt allows (CI runs it)
 # make benchmark  measures throughput and memory, writes docs/benchmark.md and docs/benchmark.png (a few minutes)
+#   make colab-check  a venv pinned to Colab's runtime (tests/colab-runtime.txt), the notebook's Colab install
+#                   step on top (scripts/colab_setup.py: what it kept, replaced, added), then nbval on the notebook
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,8 +23,9 @@ else
 endif
 
 FLOOR_VENV ?= .venv-floor
+COLAB_VENV ?= .venv-colab
 
-.PHONY: install notebook test test-slow lint test-floor benchmark
+.PHONY: install notebook test test-slow lint test-floor benchmark colab-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -53,6 +56,16 @@ test-floor:
 	$(FLOOR_VENV)/bin/pip list 2>/dev/null | grep -iE '^(datasets|transformers|tiktoken|tokenizers|numpy|pyarrow|torch) '
 	$(FLOOR_VENV)/bin/python -m pytest -o addopts="" -q -m "not slow" tests/test_tokenize.py tests/test_dataset.py \
 		tests/test_epochs.py tests/test_checkpoint.py tests/test_mixing.py tests/test_training.py
+
+# Colab as it ships, then the README's Colab install step, then the notebook re-executed and compared (nbval)
+colab-check:
+	rm -rf $(COLAB_VENV) && python3 -m venv $(COLAB_VENV)
+	$(COLAB_VENV)/bin/pip install --quiet "$(TORCH)"
+	$(COLAB_VENV)/bin/pip install --quiet -r tests/colab-runtime.txt
+	$(COLAB_VENV)/bin/python scripts/colab_setup.py
+	$(COLAB_VENV)/bin/pip install --quiet pytest nbval
+	$(HF_ENV) $(COLAB_VENV)/bin/python -m pytest -p no:cacheprovider -o addopts="" --nbval --nbval-current-env \
+		--nbval-cell-timeout=600 -q lab2_streaming_lm.ipynb
 
 lint: install
 	$(VENV)/bin/ruff check .
