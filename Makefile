@@ -71,5 +71,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# LitData is the peer of the token-cache rows, for the benchmark only (--no-deps: its extras pull torchvision)
 benchmark: install
+	$(PY) -m pip install --quiet --no-deps "litdata==0.2.76"
+	$(PY) -m pip install --quiet lightning-utilities obstore tifffile boto3
 	$(PY) scripts/benchmark.py

@@ -65,7 +65,12 @@ def litdata_runs(rows: list[np.ndarray], folder: Path, epochs: int) -> dict:
     np.save(folder / "chunks.npy", np.array(chunks, dtype=object), allow_pickle=True)
     inputs = [f"{folder / 'chunks.npy'}#{i}" for i in range(len(chunks))]
     optimize(
-        fn=_litdata_item, inputs=inputs, output_dir=str(out), chunk_bytes="64MB", item_loader=TokensLoader()
+        fn=_litdata_item,
+        inputs=inputs,
+        output_dir=str(out),
+        chunk_bytes="64MB",
+        item_loader=TokensLoader(),
+        start_method="fork",  # else it sets "spawn" for the whole process: every later worker row slows
     )
 
     def run(workers: int) -> int:
