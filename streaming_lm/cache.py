@@ -22,7 +22,6 @@ only, full) is said once; the run goes on without writing.
 
 import collections
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -38,13 +37,10 @@ from typing import Any
 import numpy as np
 
 from .config import CACHE_CHUNK_TOKENS, CACHE_RECENT_BYTES
-from .state import Task
-from .token_rows import TokenBatch
 
 logger = logging.getLogger(__name__)
 VERSION = 1  # of the entries' layout: another version is another key
 SUFFIXES = ("tokens", "rows", "flags")
-BLANK, EMPTY = 1, 2  # flags of rows without tokens
 
 
 def key_of(identity: dict) -> str:
@@ -297,40 +293,3 @@ def cache_size(folder: str | Path) -> dict[str, Any]:
             p.stat().st_size for p in manifest.parent.glob(manifest.stem + ".*") if ".tmp-" not in p.name
         )
     return {"entries": entries, "bytes": size, "tokens": tokens, "bytes_per_token": size / max(tokens, 1)}
-
-
-@functools.lru_cache(maxsize=4096)
-def resolved(path: str) -> str:
-    return str(Path(path).resolve())
-
-
-def flags_of(batch: TokenBatch) -> np.ndarray:
-    """(rows,) uint8: BLANK for WikiText's blank rows, EMPTY for rows without text (cache.py)."""
-    flags = np.zeros(batch.rows, np.uint8)
-    for mask, value in ((batch.blank, BLANK), (batch.empty, EMPTY)):
-        if mask is not None:
-            flags[mask] = value
-    return flags
-
-
-def cached_batches(entry: Entry, task: Task, step: int) -> Iterator[TokenBatch]:
-    """The TokenBatches of `task` from a cache entry of its piece's rows offset, offset + step, ...
-    (`step` is the task's own, or 1 for the whole piece's entry: its rows are then selected)."""
-    first = (task.row - task.offset) // step if step > 1 else task.row
-    if first > entry.n_rows + (task.step - 1 if step == 1 else 0):  # past the end: no run stands there
-        raise ValueError(
-            f"corrupt checkpoint: position row={task.row}, but piece {task.piece} has {entry.n_rows} rows"
-        )
-    for row, ids, starts, flags in entry.chunks(first):
-        if step == 1 and task.step > 1:  # rows of the whole piece: keep this task's
-            keep = np.flatnonzero((np.arange(len(flags)) + row) % task.step == task.offset)
-            if not len(keep):
-                continue
-            lengths = starts[keep + 1] - starts[keep]
-            at = np.repeat(starts[keep] - np.cumsum(np.concatenate([[0], lengths[:-1]])), lengths)
-            ids, flags = ids[at + np.arange(len(at))], flags[keep]
-            starts, row = np.concatenate([[0], np.cumsum(lengths)]), row + int(keep[0])
-        row = row * step + task.offset if step > 1 else row
-        yield TokenBatch(
-            np.asarray(ids), starts, task.piece, row, task.step, 0, flags == BLANK, flags == EMPTY
-        )

@@ -23,7 +23,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from .cache import TokenCache, cached_batches, flags_of, resolved
+from .cache import TokenCache
+from .cached_reads import CachedReads
 from .checks import check_choice, check_positive_int
 from .config import (
     LAYOUTS,
@@ -32,7 +33,7 @@ from .config import (
     TOKENIZE_BATCH_ROWS,
 )
 from .documents import classify, cut_long, resolve_layout
-from .encoders import _settle, make_encoder, tokenizer_identity, tokenizer_key
+from .encoders import _settle, make_encoder, tokenizer_identity
 from .files import fingerprint
 from .pieces import Pieces, read_piece_text
 from .source import SourceInfo, TextStream
@@ -200,17 +201,13 @@ class TokenStream:
         task that reads its piece whole written to the cache as it goes)."""
         if self.cache is None:
             yield from self._tokenized(tasks)
-            return
-        run: list[int] = []  # the tasks before the next cached one
-        for index, task in enumerate(tasks):
-            found = self._cached(task)
-            if found is None:
-                run.append(index)
-                continue
-            yield from self._written(tasks, run)
-            run = []
-            yield from ((index, batch) for batch in found)
-        yield from self._written(tasks, run)
+        else:
+            yield from self.cached_reads.read(tasks)
+
+    @functools.cached_property
+    def cached_reads(self) -> CachedReads:
+        """This stream's reads through its token cache (one, so the tokenizer's key is made once)."""
+        return CachedReads(self, self.cache)
 
     def _tokenized(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TokenBatch]]:
         """read_tasks from the text: rows of consecutive tasks tokenized together, about `batch_rows`
@@ -231,66 +228,6 @@ class TokenStream:
             pending.append(self._encode(group))
         while pending:
             yield from _result(pending.popleft())
-
-    def piece_key(self, piece: int, step: int = 1, offset: int = 0) -> dict | None:
-        """What a cache entry of `piece` (rows offset, offset + step, ...) is: the piece (its file's
-        resolved path, size and modification time, or its Hub commit and file), the tokenizer, the
-        document rule, the text column; None where the stream cannot name its pieces."""
-        source = self.source
-        if source is None or not source.piece_names or len(source.piece_names) != self.n_pieces:
-            return None
-        if source.local is not None:
-            path, group = source.local[piece]
-            stat = os.stat(path)
-            where = {"file": resolved(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-            where["row_group"] = group
-        else:
-            where = {k: source.identity[k] for k in ("hub", "config", "split", "revision")}
-            where["file"] = source.piece_names[piece]
-        rule = {"layout": self.rule[0], "eos": self.eos, "text_column": source.identity["text_column"]}
-        return {**where, **rule, "tokenizer": self.tokenizer_key, "step": step, "offset": offset}
-
-    @functools.cached_property
-    def tokenizer_key(self) -> str:
-        return tokenizer_key(self.tokenizer)
-
-    def _cached(self, task: Task) -> Iterator[TokenBatch] | None:
-        """The TokenBatches of `task` from its cache entry (or the whole piece's, for rows a part
-        keeps of a shared piece), or None if the cache has neither."""
-        for step, offset in {(task.step, task.offset), (1, 0)}:
-            key = self.piece_key(task.piece, step, offset)
-            entry = self.cache.open(key, self.source.piece_names[task.piece]) if key else None
-            if entry is not None:
-                return cached_batches(entry, task, step)
-        return None
-
-    def _written(self, tasks: Sequence[Task], run: list[int]) -> Iterator[tuple[int, TokenBatch]]:
-        """The tokenized batches of tasks[run], each whole task's written to the cache as it goes
-        (and finished once a later task's batch comes: a task's batches come in order)."""
-        writers: dict[int, Any] = {}  # task (index in run) -> its writer, or None: not written
-        try:
-            for k, batch in self._tokenized([tasks[i] for i in run]):
-                for done in [j for j in writers if j < k and writers[j] is not None]:
-                    writers[done].finish()
-                    writers[done] = None
-                if k not in writers:
-                    writers[k] = self._writer(tasks[run[k]])
-                if writers[k] is not None and not writers[k].add(batch.ids, batch.starts, flags_of(batch)):
-                    writers[k] = None
-                yield run[k], batch
-            for k, i in enumerate(run):  # the last task's writer; a task without a batch: an empty entry
-                writer = writers.pop(k) if k in writers else self._writer(tasks[i])
-                _ = writer and writer.finish()
-        finally:
-            for writer in filter(None, writers.values()):
-                writer.abort()
-
-    def _writer(self, task: Task) -> Any:
-        whole = task.token == 0 and task.row == (task.offset if task.step > 1 else 0)
-        key = self.piece_key(task.piece, task.step, task.offset) if whole else None
-        vocab = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else self.tokenizer.vocab_size
-        dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-        return self.cache.writer(key, self.source.piece_names[task.piece], dtype) if key else None
 
     def _encode(self, group: list[Segment]) -> "list[tuple[int, TokenBatch]] | Future":
         labels = [self._label(g.piece) for g in group]
