@@ -286,7 +286,7 @@ def main(argv=None):
     if rank == 0:
         print(
             f"training {args.model} on {args.device} x {world_size} from step {start} to {args.steps}, "
-            f"{args.num_workers} workers, {args.backend} tokenizer, "
+            f"{args.num_workers} worker{'s' * (args.num_workers != 1)}, {args.backend} tokenizer, "
             f"batch {args.batch_size} x {args.block_size}",
             flush=True,
         )
@@ -345,7 +345,7 @@ def summarize(args, loader, start, totals, rank):
         size = cache_size(args.token_cache)
         print(
             f"token cache {args.token_cache}: {size['entries']} pieces, {size['tokens']:,} tokens, "
-            f"{size['bytes'] / 2**20:,.1f} MiB ({size['bytes_per_token']:.2f} bytes a token)"
+            f"{size['bytes'] / 2**20:,.2f} MiB ({size['bytes_per_token']:.2f} bytes a token)"
         )
 
 

@@ -165,7 +165,9 @@ def _verified(paths: dict[str, str], stats: dict, identity: dict) -> dict:
     sizes and CRCs it gives; ValueError saying what differs."""
     with open(paths["json"]) as f:
         manifest = json.load(f)
-    theirs = manifest.get("identity") or {}
+    theirs = manifest.get("identity")
+    if not isinstance(theirs, dict):
+        raise ValueError("its manifest has no identity (damaged on disk)")
     if theirs != identity:
         field = next(
             (k for k in sorted(set(theirs) | set(identity)) if theirs.get(k) != identity.get(k)), "?"

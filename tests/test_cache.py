@@ -144,6 +144,8 @@ def damage(entry: Path, how: str, other: Path) -> None:
         tokens.symlink_to(tokens.parent / "nowhere")  # a link to nothing where the tokens were
     elif how == "a manifest that is not JSON":
         entry.write_text('{"identity": ')
+    elif how == "a manifest's identity key flipped":
+        entry.write_text(entry.read_text().replace('"identity"', '"identitx"'))
 
 
 DAMAGE = [
@@ -153,6 +155,7 @@ DAMAGE = [
     "the manifest of another tokenizer",
     "unreadable",
     "a manifest that is not JSON",
+    "a manifest's identity key flipped",
 ]
 
 
@@ -170,6 +173,7 @@ def test_a_damaged_entry_is_said_once_and_its_piece_tokenized_again(
     said = [r.getMessage() for r in caplog.records if "token cache" in r.getMessage()]
     assert same(text, again)
     assert len(said) == 1 and piece in said[0] and "tokenizing its text again" in said[0], said
+    assert "identity" not in how or "its manifest has no identity" in said[0], said
     assert K.TokenCache(cache).open(json.loads(second.read_text())["identity"], "x") is not None
     with caplog.at_level(logging.WARNING):
         caplog.clear()
